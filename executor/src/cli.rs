@@ -1,0 +1,329 @@
+//! The `stepbox` command line: clap types that tests can call directly, and what each subcommand does.
+//!
+//! `stepbox run` passes the step's stdout and stderr through byte for byte, writes its output files
+//! into `--output-dir`, and exits with a code per status ([`Status::exit_code`]); 2 means the request
+//! was refused, 10 that the host failed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::limits::LimitOverrides;
+use crate::outcome::{RunResult, Status};
+use crate::outputs::OutputKind;
+use crate::policy::PolicySet;
+use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob, check_relative_path};
+use crate::{Executor, ExecutorConfig};
+
+/// Exit code for a refused request (bad path, unknown policy, limit above maximum, bad flags).
+pub const EXIT_BAD_REQUEST: u8 = 2;
+/// Exit code when the host itself failed.
+pub const EXIT_HOST_ERROR: u8 = 10;
+
+/// Stepbox: run untrusted data steps in a WebAssembly sandbox and verify what they produce.
+#[derive(Debug, Parser)]
+#[command(name = "stepbox", version, about)]
+pub struct Cli {
+    /// Options every subcommand shares.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where Stepbox keeps its files and finds its policies and runtimes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory of policy files (`NAME.toml`); default: the policies built into this binary.
+    #[arg(long, global = true, env = "STEPBOX_POLICIES_DIR")]
+    pub policies_dir: Option<PathBuf>,
+    /// Parent directory of job directories (each removed when its job ends).
+    #[arg(long, global = true, env = "STEPBOX_WORK_ROOT")]
+    pub work_root: Option<PathBuf>,
+    /// Cache of compiled runtime components.
+    #[arg(long, global = true, env = "STEPBOX_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The Python runtime component (default: next to the binary, or the checkout's build output).
+    #[arg(long, global = true, env = "STEPBOX_PYTHON_COMPONENT")]
+    pub python_component: Option<PathBuf>,
+    /// Print progress and timings to stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one step and pass its output through.
+    Run(RunArgs),
+    /// Inspect policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `stepbox run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Runtime: `python` or `wasm`; inferred from FILE's extension (.py, .wasm, .wat) when omitted.
+    #[arg(long)]
+    pub runtime: Option<RuntimeKind>,
+    /// Policy name (see `stepbox policy list`).
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// Tighten a limit, e.g. `--limit memory=256MiB --limit wall_time=5s --limit fuel=1000000000`.
+    /// Keys: memory, fuel, wall_time, stdout, stderr, output_files, output_bytes.
+    #[arg(long = "limit", value_name = "KEY=VALUE")]
+    pub limits: Vec<String>,
+    /// An input file, placed in the data directory under its file name.
+    #[arg(long = "input", value_name = "PATH")]
+    pub inputs: Vec<PathBuf>,
+    /// A directory of inputs, placed in the data directory keeping relative paths.
+    #[arg(long, value_name = "DIR")]
+    pub input_dir: Option<PathBuf>,
+    /// Where to write the step's output files (keeping relative paths).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// A file whose bytes become the step's stdin.
+    #[arg(long, value_name = "FILE")]
+    pub stdin: Option<PathBuf>,
+    /// File layout: `input-output` (/input, /output, /tmp) or `mnt-data` (/mnt/data, /tmp).
+    #[arg(long, default_value = "input-output")]
+    pub layout: Layout,
+    /// A variable for the step's environment, `KEY=VALUE` (on top of the policy's).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Print the whole result as JSON on stdout instead of passing the step's output through.
+    #[arg(long)]
+    pub json: bool,
+    /// Don't print the status line on stderr when the step does not succeed.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The step: Python source, a wasm module or component, or WAT text.
+    pub file: PathBuf,
+    /// Arguments for the step (after `--`).
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+/// `stepbox policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// List the policies with their descriptions.
+    List,
+    /// Print one policy's defaults and maximums as JSON.
+    Show {
+        /// Policy name.
+        name: String,
+    },
+    /// Check a policy file and print it as JSON.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of policy files.
+    Schema,
+}
+
+impl GlobalArgs {
+    fn policies(&self) -> anyhow::Result<PolicySet> {
+        match &self.policies_dir {
+            Some(dir) => PolicySet::load_dir(dir),
+            None => Ok(PolicySet::embedded()),
+        }
+    }
+
+    /// The executor configuration these options describe.
+    pub fn executor_config(&self) -> anyhow::Result<ExecutorConfig> {
+        let mut c = ExecutorConfig { policies: self.policies()?, ..ExecutorConfig::default() };
+        if let Some(w) = &self.work_root {
+            c.work_root = w.clone();
+        }
+        if let Some(d) = &self.cache_dir {
+            c.cache_dir = Some(d.clone());
+        }
+        c.python_component = self.python_component.clone();
+        Ok(c)
+    }
+}
+
+impl Cli {
+    /// Runs the command; the returned code is the process exit code.
+    pub async fn execute(self) -> ExitCode {
+        let verbose = self.global.verbose;
+        let result = match self.command {
+            Command::Run(args) => args.execute(&self.global).await,
+            Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
+        };
+        match result {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                let code = match e.downcast_ref::<JobError>() {
+                    Some(j) if !j.is_caller_error() => EXIT_HOST_ERROR,
+                    Some(_) | None => EXIT_BAD_REQUEST,
+                };
+                if verbose {
+                    eprintln!("stepbox: error: {e:?}");
+                } else {
+                    eprintln!("stepbox: error: {e:#}");
+                }
+                ExitCode::from(code)
+            }
+        }
+    }
+}
+
+impl PolicyCommand {
+    fn execute(self, global: &GlobalArgs) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        match self {
+            PolicyCommand::List => {
+                for p in global.policies()?.iter() {
+                    writeln!(out, "{:<16} {}", p.name, p.file.description)?;
+                }
+            }
+            PolicyCommand::Show { name } => {
+                let set = global.policies()?;
+                let p = set
+                    .get(&name)
+                    .with_context(|| format!("unknown policy `{name}`: expected one of {}", set.names().join(", ")))?;
+                writeln!(out, "{}", serde_json::to_string_pretty(p.as_ref())?)?;
+            }
+            PolicyCommand::Check { file } => {
+                let text =
+                    std::fs::read_to_string(&file).with_context(|| format!("failed to read `{}`", file.display()))?;
+                let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                let p = crate::policy::Policy::parse(name, &text, &file.display().to_string())?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+            }
+            PolicyCommand::Schema => write!(out, "{}", crate::policy::json_schema())?,
+        }
+        Ok(())
+    }
+}
+
+/// Reads every regular file under `dir` (symlinks are refused, not followed) with relative paths.
+fn read_input_dir(dir: &Path) -> anyhow::Result<Vec<InputFile>> {
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).follow_links(false).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("failed to read input directory `{}`", dir.display()))?;
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        if !entry.file_type().is_file() {
+            bail!("input `{}` is not a regular file (symlinks are not followed)", entry.path().display());
+        }
+        let rel = entry.path().strip_prefix(dir)?;
+        let path = rel
+            .to_str()
+            .with_context(|| format!("input path `{}` is not UTF-8", rel.display()))?
+            .to_string();
+        let content = std::fs::read(entry.path()).with_context(|| format!("failed to read `{}`", entry.path().display()))?;
+        files.push(InputFile { path, content: content.into() });
+    }
+    Ok(files)
+}
+
+impl RunArgs {
+    /// Builds the job these arguments describe.
+    pub fn job(&self) -> anyhow::Result<StepJob> {
+        let runtime = match self.runtime {
+            Some(r) => r,
+            None => RuntimeKind::from_extension(&self.file).with_context(|| {
+                format!(
+                    "cannot tell the runtime of `{}` from its extension: pass --runtime python or --runtime wasm",
+                    self.file.display()
+                )
+            })?,
+        };
+        let program = std::fs::read(&self.file).with_context(|| format!("failed to read step `{}`", self.file.display()))?;
+        let mut job = StepJob::new(runtime, program);
+        job.filename = self.file.file_name().and_then(|f| f.to_str()).map(str::to_string);
+        job.policy = self.policy.clone();
+        job.layout = self.layout;
+        let mut limits = LimitOverrides::default();
+        for pair in &self.limits {
+            limits.set_pair(pair).map_err(anyhow::Error::msg)?;
+        }
+        job.limits = limits;
+        if let Some(dir) = &self.input_dir {
+            job.inputs = read_input_dir(dir)?;
+        }
+        for path in &self.inputs {
+            let name = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
+            let content = std::fs::read(path).with_context(|| format!("failed to read input `{}`", path.display()))?;
+            job.inputs.push(InputFile { path: name.to_string(), content: content.into() });
+        }
+        if let Some(stdin) = &self.stdin {
+            job.stdin = std::fs::read(stdin).with_context(|| format!("failed to read stdin file `{}`", stdin.display()))?.into();
+        }
+        for pair in &self.env {
+            let (k, v) = pair.split_once('=').with_context(|| format!("--env `{pair}` is not KEY=VALUE"))?;
+            job.env.insert(k.to_string(), v.to_string());
+        }
+        job.args = self.args.clone();
+        Ok(job)
+    }
+
+    async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
+        let job = self.job()?;
+        let executor = Executor::new(global.executor_config()?)?;
+        let result = executor.run(job).await?;
+        if global.verbose {
+            let u = &result.usage;
+            eprintln!(
+                "stepbox: {} in {:.1} ms (compile/load {:.1} ms from {:?}, instantiate {:.2} ms, peak memory {} KiB{})",
+                result.status,
+                u.wall_time_us as f64 / 1000.0,
+                u.compile_us as f64 / 1000.0,
+                u.compile_cache,
+                u.instantiate_us as f64 / 1000.0,
+                u.peak_memory_bytes / 1024,
+                u.fuel_consumed.map(|f| format!(", fuel {f}")).unwrap_or_default()
+            );
+        }
+        if let Some(dir) = &self.output_dir {
+            write_outputs(dir, &result)?;
+        }
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &result)?;
+            writeln!(out)?;
+        } else {
+            std::io::stdout().lock().write_all(&result.stdout)?;
+            std::io::stderr().lock().write_all(&result.stderr)?;
+            if result.status != Status::Succeeded && !self.quiet {
+                eprintln!("stepbox: {}: {}", result.status, result.message);
+            }
+        }
+        Ok(result.status.exit_code())
+    }
+}
+
+/// Writes the result's files under `dir`. Names come from the guest, so each is re-checked as a
+/// safe relative path; symlinks are reported on stderr and not recreated.
+pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create output directory `{}`", dir.display()))?;
+    for o in &result.outputs {
+        let rel = check_relative_path("output", &o.path)?;
+        match &o.kind {
+            OutputKind::File => {
+                let path = dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, &o.content).with_context(|| format!("failed to write `{}`", path.display()))?;
+            }
+            OutputKind::Symlink { target } => {
+                eprintln!("stepbox: output `{}` is a symlink to `{target}`; not written", o.path);
+            }
+        }
+    }
+    Ok(())
+}

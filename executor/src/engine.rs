@@ -1,0 +1,344 @@
+//! The wasmtime engines every run shares, their epoch ticker, and the compiled-artifact cache.
+//!
+//! Two engines: one with fuel metering and one without (fuel costs 1.35-1.6x on CPU-bound code, so
+//! only runs that ask for fuel pay for it). Both use epoch interruption for wall time, ticked every
+//! [`EPOCH_TICK`] by one background thread. Compiled artifacts are cached in memory and, for the
+//! built-in runtimes, on disk in a private directory, keyed by the input's sha256, the wasmtime
+//! version and the engine settings; only files this program wrote there are ever deserialised.
+
+use std::collections::HashMap;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, Module, OptLevel};
+
+/// How often the epoch advances: the precision of wall-time limits and of the disk watch.
+/// 10 ms keeps the ticker's own cost negligible while stopping a runaway step promptly.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Host stack a guest may use. CPython's C code recurses (deeply nested JSON, regexes), and
+/// wasmtime's 512 KiB default turns Python-level `RecursionError`s into stack-overflow traps.
+const MAX_WASM_STACK: usize = 4 << 20;
+
+/// Bumped whenever the engine settings below change, so stale disk artifacts are never reused.
+const ENGINE_SETTINGS_VERSION: &str = "stepbox-engine-1";
+
+/// The wasmtime version this build links (kept equal to the `=48.0.8` pin in Cargo.toml; a test
+/// checks Cargo.lock). Part of every cache key and of run manifests.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Most distinct caller-supplied modules kept compiled in memory.
+const MEMORY_CACHE_ENTRIES: usize = 64;
+
+/// Where a compiled artifact came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheSource {
+    /// Already loaded in this process.
+    Memory,
+    /// Deserialised from the on-disk cache.
+    Disk,
+    /// Compiled now.
+    Compiled,
+}
+
+/// A compiled module or component and how long it took to get it.
+#[derive(Clone, Debug)]
+pub struct Prepared<T> {
+    /// The compiled artifact.
+    pub artifact: T,
+    /// Where it came from.
+    pub source: CacheSource,
+    /// Time spent compiling or loading it for this run.
+    pub duration: Duration,
+}
+
+#[derive(Clone)]
+enum Artifact {
+    Module(Module),
+    Component(Component),
+}
+
+/// Both engines, the ticker that drives their epochs, and the artifact caches.
+pub struct Engines {
+    unmetered: Engine,
+    metered: Engine,
+    cache_dir: Option<PathBuf>,
+    memory: Mutex<HashMap<([u8; 32], bool), Artifact>>,
+    stop: Arc<AtomicBool>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engines").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+    }
+}
+
+fn engine_config(fuel: bool) -> Config {
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .consume_fuel(fuel)
+        .cranelift_opt_level(OptLevel::Speed)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(MAX_WASM_STACK + (1 << 20));
+    config
+}
+
+impl Engines {
+    /// Builds both engines and starts the epoch ticker. `cache_dir` holds compiled runtime
+    /// components across processes; `None` keeps them in memory only.
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Engines> {
+        let unmetered = Engine::new(&engine_config(false)).map_err(anyhow::Error::from).context("failed to create the wasmtime engine")?;
+        let metered = Engine::new(&engine_config(true)).map_err(anyhow::Error::from).context("failed to create the metered wasmtime engine")?;
+        if let Some(dir) = &cache_dir {
+            prepare_private_dir(dir)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (a, b, stop) = (unmetered.weak(), metered.weak(), stop.clone());
+            std::thread::Builder::new()
+                .name("stepbox-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        for e in [&a, &b] {
+                            if let Some(e) = e.upgrade() {
+                                e.increment_epoch();
+                            }
+                        }
+                    }
+                })
+                .context("failed to start the epoch ticker thread")?
+        };
+        Ok(Engines {
+            unmetered,
+            metered,
+            cache_dir,
+            memory: Mutex::new(HashMap::new()),
+            stop,
+            ticker: Some(ticker),
+        })
+    }
+
+    /// The engine for runs with (`true`) or without fuel metering.
+    pub fn engine(&self, fuel: bool) -> &Engine {
+        if fuel { &self.metered } else { &self.unmetered }
+    }
+
+    /// The directory holding compiled artifacts, if any.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+
+    fn memory_get(&self, key: &([u8; 32], bool)) -> Option<Artifact> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    fn memory_put(&self, key: ([u8; 32], bool), artifact: Artifact) {
+        let mut map = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MEMORY_CACHE_ENTRIES && !map.contains_key(&key) {
+            // Bounded: drop an arbitrary entry. Runtimes hold their own handle, so they stay.
+            if let Some(k) = map.keys().next().copied() {
+                map.remove(&k);
+            }
+        }
+        map.insert(key, artifact);
+    }
+
+    /// A compiled core module for `wasm` (binary or WAT), cached in memory by sha256.
+    pub fn module(&self, wasm: &[u8], fuel: bool) -> anyhow::Result<Prepared<Module>> {
+        let start = Instant::now();
+        let key = (sha256(wasm), fuel);
+        if let Some(Artifact::Module(m)) = self.memory_get(&key) {
+            return Ok(Prepared { artifact: m, source: CacheSource::Memory, duration: start.elapsed() });
+        }
+        let m = Module::new(self.engine(fuel), wasm)?;
+        self.memory_put(key, Artifact::Module(m.clone()));
+        Ok(Prepared { artifact: m, source: CacheSource::Compiled, duration: start.elapsed() })
+    }
+
+    /// A compiled component for `wasm`, cached in memory by sha256 and, when `persist` is set and
+    /// a cache directory is configured, on disk.
+    pub fn component(&self, wasm: &[u8], fuel: bool, persist: bool) -> anyhow::Result<Prepared<Component>> {
+        let start = Instant::now();
+        let digest = sha256(wasm);
+        let key = (digest, fuel);
+        if let Some(Artifact::Component(c)) = self.memory_get(&key) {
+            return Ok(Prepared { artifact: c, source: CacheSource::Memory, duration: start.elapsed() });
+        }
+        let engine = self.engine(fuel);
+        let disk = match (&self.cache_dir, persist) {
+            (Some(dir), true) => Some(dir.join(format!("{}.cwasm", artifact_key(engine, &digest, fuel)))),
+            _ => None,
+        };
+        if let Some(path) = &disk
+            && let Some(c) = load_own_artifact(engine, path)?
+        {
+            self.memory_put(key, Artifact::Component(c.clone()));
+            return Ok(Prepared { artifact: c, source: CacheSource::Disk, duration: start.elapsed() });
+        }
+        let bytes = engine.precompile_component(wasm)?;
+        if let Some(path) = &disk {
+            // The cache is an optimisation: failing to write it must not fail the run.
+            if let Err(e) = write_private_file(path, &bytes) {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache compiled component");
+            }
+        }
+        let c = deserialize_component(engine, &bytes)?;
+        self.memory_put(key, Artifact::Component(c.clone()));
+        Ok(Prepared { artifact: c, source: CacheSource::Compiled, duration: start.elapsed() })
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha256(bytes))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The cache file name: the input's digest plus everything that makes an artifact incompatible.
+fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool) -> String {
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let mut h = Sha256::new();
+    h.update(digest);
+    h.update(WASMTIME_VERSION.as_bytes());
+    h.update(ENGINE_SETTINGS_VERSION.as_bytes());
+    h.update([u8::from(fuel)]);
+    h.update(compat.finish().to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Creates `dir` (mode 0700) if needed and checks that only we can write to it.
+fn prepare_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("failed to create cache directory `{}`", dir.display()))?;
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("failed to inspect `{}`", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("cache directory `{}` is not a directory (symlinks are refused)", dir.display());
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        bail!("cache directory `{}` belongs to another user: use a directory of your own", dir.display());
+    }
+    if meta.mode() & 0o022 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cache directory `{}` is writable by others and could not be fixed", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename) with mode 0600.
+fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("cache path has no parent")?;
+    let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir)?;
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o600))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
+}
+
+/// Loads an artifact only if it is a regular file we own that nobody else can write: anything
+/// else in the cache directory is ignored (and recompiled over), never deserialised.
+fn load_own_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(None);
+    };
+    if !meta.is_file() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        tracing::warn!(path = %path.display(), "ignoring a cached artifact this program did not write");
+        return Ok(None);
+    }
+    let bytes = fs::read(path).with_context(|| format!("failed to read cached artifact `{}`", path.display()))?;
+    match deserialize_component(engine, &bytes) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "recompiling over an unusable cached artifact");
+            Ok(None)
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn deserialize_component(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Component> {
+    // SAFETY: `bytes` is either the output of `precompile_component` on this engine just now, or a
+    // file in our private cache directory that passed `load_own_artifact`'s ownership and mode
+    // checks, i.e. one this program wrote. wasmtime additionally checks the version and settings.
+    Ok(unsafe { Component::deserialize(engine, bytes) }?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAT: &str = r#"(component (core module (func (export "f"))))"#;
+
+    #[test]
+    fn wasmtime_version_matches_the_lock_file() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let needle = format!("name = \"wasmtime\"\nversion = \"{WASMTIME_VERSION}\"");
+        assert!(lock.contains(&needle), "Cargo.lock does not pin wasmtime {WASMTIME_VERSION}");
+    }
+
+    #[test]
+    fn components_are_cached_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let wasm = wat::parse_str(WAT).unwrap();
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
+        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Memory);
+        // The metered engine is a different configuration: a separate artifact.
+        assert_eq!(engines.component(&wasm, true, true).unwrap().source, CacheSource::Compiled);
+        let files: Vec<_> = fs::read_dir(&cache).unwrap().collect();
+        assert_eq!(files.len(), 2);
+        drop(engines);
+
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Disk);
+    }
+
+    #[test]
+    fn artifacts_others_could_have_written_are_never_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let wasm = wat::parse_str(WAT).unwrap();
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        engines.component(&wasm, false, true).unwrap();
+        let file = fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
+        drop(engines);
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
+
+        // Garbage in place of an artifact is recompiled over, not trusted.
+        drop(engines);
+        fs::write(&file, b"not an artifact").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        let engines = Engines::new(Some(cache)).unwrap();
+        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
+    }
+}

@@ -1,0 +1,221 @@
+//! Stepbox's execution core: run untrusted data steps in a WebAssembly sandbox and say precisely
+//! how each run ended.
+//!
+//! One job is one straight path, each stage in its own module:
+//! [`request`] (validate against a [`policy`]) → [`jobdir`] (the job's own directory) →
+//! [`runtime`] (a cached compiled artifact from the [`engine`]) → [`sandbox`] (Store, WASI context,
+//! limits, one [`outcome::Status`]) → [`outputs`] (collected without following symlinks) →
+//! [`outcome::RunResult`]. The CLI ([`cli`]) and the gRPC service are thin doors onto
+//! [`Executor::run`].
+//!
+//! Defaults: the embedded policies, a work root under the system temp directory, and compiled
+//! runtime components cached in `$XDG_CACHE_HOME/stepbox` (or `~/.cache/stepbox`).
+
+pub mod cli;
+pub mod engine;
+pub mod jobdir;
+pub mod limits;
+pub mod outcome;
+pub mod outputs;
+pub mod pipe;
+pub mod policy;
+pub mod request;
+pub mod runtime;
+pub mod sandbox;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+pub use crate::limits::{LimitOverrides, Limits};
+pub use crate::outcome::{RunResult, Status, Usage};
+pub use crate::pipe::{OutputChunk, StreamKind};
+pub use crate::policy::{Policy, PolicySet};
+pub use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
+
+use crate::engine::Engines;
+use crate::jobdir::JobDir;
+use crate::runtime::{PythonCall, Runtimes};
+use crate::sandbox::{Run, with_backstop};
+
+/// How to build an [`Executor`].
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// Parent of every job directory.
+    pub work_root: PathBuf,
+    /// Where compiled runtime components are cached across processes (`None`: memory only).
+    pub cache_dir: Option<PathBuf>,
+    /// The policies jobs may name.
+    pub policies: PolicySet,
+    /// The Python runtime component; `None` searches the usual places
+    /// ([`runtime::python_component_candidates`]).
+    pub python_component: Option<PathBuf>,
+}
+
+/// The default work root: `stepbox-work` under the system temp directory.
+pub fn default_work_root() -> PathBuf {
+    std::env::temp_dir().join("stepbox-work")
+}
+
+/// The default artifact cache: `$XDG_CACHE_HOME/stepbox`, `~/.cache/stepbox`, or under the temp dir.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("stepbox");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".cache/stepbox");
+    }
+    std::env::temp_dir().join("stepbox-cache")
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            work_root: default_work_root(),
+            cache_dir: Some(default_cache_dir()),
+            policies: PolicySet::embedded(),
+            python_component: None,
+        }
+    }
+}
+
+/// Per-run options that are not part of the job itself.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives stdout/stderr chunks as the step writes them.
+    pub listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
+}
+
+/// Runs step jobs. Cheap to share behind an `Arc`; every run gets its own Store and job directory.
+#[derive(Debug)]
+pub struct Executor {
+    engines: Arc<Engines>,
+    runtimes: Runtimes,
+    policies: PolicySet,
+    work_root: PathBuf,
+}
+
+impl Executor {
+    /// Builds the engines, the epoch ticker and the runtimes. Nothing is compiled yet.
+    pub fn new(config: ExecutorConfig) -> anyhow::Result<Executor> {
+        let engines = Arc::new(Engines::new(config.cache_dir)?);
+        let runtimes = Runtimes::new(engines.clone(), config.python_component)?;
+        Ok(Executor {
+            engines,
+            runtimes,
+            policies: config.policies,
+            work_root: config.work_root,
+        })
+    }
+
+    /// The policies jobs may name.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// The runtimes.
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
+    }
+
+    /// Compiles or loads the Python runtime now rather than on the first job.
+    pub async fn warm_up(&self) -> Result<(), JobError> {
+        self.runtimes.python(false).await.map(|_| ())
+    }
+
+    /// Runs one job with default options.
+    pub async fn run(&self, job: StepJob) -> Result<RunResult, JobError> {
+        self.run_with(job, RunOptions::default()).await
+    }
+
+    /// Runs one job. `Err` means the job was refused or the host failed; a step that runs and
+    /// fails is an `Ok` result with its status.
+    pub async fn run_with(&self, job: StepJob, options: RunOptions) -> Result<RunResult, JobError> {
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let span = tracing::info_span!(
+            "run",
+            run_id = %run_id,
+            runtime = %job.runtime,
+            policy = %if job.policy.is_empty() { policy::DEFAULT_POLICY } else { &job.policy },
+            status = tracing::field::Empty,
+            wall_us = tracing::field::Empty,
+        );
+        async move {
+            let result = self.run_inner(run_id, job, options).await;
+            match &result {
+                Ok(r) => {
+                    tracing::Span::current().record("status", r.status.name());
+                    tracing::Span::current().record("wall_us", r.usage.wall_time_us);
+                    tracing::info!(status = r.status.name(), "run finished");
+                }
+                Err(e) => tracing::info!(error = %e, "run refused"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_inner(&self, run_id: String, job: StepJob, options: RunOptions) -> Result<RunResult, JobError> {
+        let job = job.validate(&self.policies)?;
+        let limits = job.limits.clone();
+        let fuel = limits.fuel.is_some();
+        let prepared = match job.job.runtime {
+            RuntimeKind::Python => self.runtimes.python(fuel).await?,
+            RuntimeKind::Wasm => self.runtimes.wasm(&job.job.program, fuel).await?,
+        };
+        let dir = JobDir::create(&self.work_root, &job)?;
+        let argv0 = match job.job.runtime {
+            RuntimeKind::Python => job.filename.clone(),
+            RuntimeKind::Wasm => "step.wasm".to_string(),
+        };
+        let mut run = Run::new(&self.engines, &job, &dir, &argv0, options.listener)?;
+        let source = match job.job.runtime {
+            RuntimeKind::Python => std::str::from_utf8(&job.job.program).unwrap_or_default(),
+            RuntimeKind::Wasm => "",
+        };
+        let call = PythonCall { source, filename: &job.filename, cwd: dir.cwd };
+        let mut instantiate = Duration::ZERO;
+        run.start_clock(limits.wall_time);
+        let exit = with_backstop(limits.wall_time, prepared.entry.run(&mut run.store, &call, &mut instantiate)).await;
+        let mut ending = run.finish(exit);
+
+        let (outputs, scan) = outputs::collect(&dir.data_dir, &dir.scratch_dir, dir.baseline.as_ref(), &limits);
+        if let Some((kind, msg)) = &scan.exceeded
+            && matches!(ending.status, Status::Succeeded | Status::Failed)
+        {
+            ending.status = Status::OutputExceeded;
+            ending.message = format!("{msg} (limit `{kind}`)");
+        }
+        if let Err(e) = dir.remove() {
+            tracing::error!(error = %format!("{e:#}"), "job directory left behind");
+        }
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Ok(RunResult {
+            run_id,
+            status: ending.status,
+            exit_code: ending.exit_code,
+            message: ending.message,
+            stdout: ending.stdout,
+            stderr: ending.stderr,
+            stdout_truncated: ending.stdout_truncated,
+            stderr_truncated: ending.stderr_truncated,
+            outputs,
+            usage: Usage {
+                wall_time_us: micros(ending.wall_time),
+                fuel_consumed: ending.fuel_consumed,
+                peak_memory_bytes: ending.peak_memory,
+                compile_us: micros(prepared.duration),
+                compile_cache: Some(prepared.cache),
+                instantiate_us: micros(instantiate),
+                output_files: scan.files,
+                output_bytes: scan.bytes,
+            },
+            limits,
+            policy: job.policy.name.clone(),
+            runtime: job.job.runtime.name().to_string(),
+        })
+    }
+}

@@ -1,0 +1,333 @@
+//! One run of one guest: the Store, its WASI context, its limits, and the classification of how it
+//! ended into exactly one [`Status`].
+//!
+//! The guest sees only the job directory's mounts, an environment built from the policy and the
+//! job, its stdin bytes, and capped stdout/stderr pipes. No sockets, no host environment. Memory is
+//! capped by a [`ResourceLimiter`] that records refusals, CPU by fuel (when metered), wall time and
+//! disk use by an epoch callback that runs every [`EPOCH_TICK`].
+
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::engine::{EPOCH_TICK, Engines};
+use crate::jobdir::JobDir;
+use crate::limits::{LimitKind, Limits};
+use crate::outcome::Status;
+use crate::outputs::DiskWatch;
+use crate::pipe::{LimitedPipe, OutputChunk, StreamKind};
+use crate::request::ValidJob;
+
+/// Most table elements a guest may hold. CPython's function table has ~20k entries; a table of
+/// millions is only ever an attempt to exhaust host memory outside the linear-memory limit.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Caps all of a store's linear memories together and records the first refusal.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    cap: u64,
+    total: u64,
+    peak: u64,
+    refused: Option<String>,
+}
+
+impl MemoryLimiter {
+    fn new(cap: u64) -> MemoryLimiter {
+        MemoryLimiter { cap, total: 0, peak: 0, refused: None }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false); // the module's own declared maximum, not ours: grow returns -1
+        }
+        let total = self.total - current as u64 + desired as u64;
+        if total > self.cap {
+            let msg = format!(
+                "the step asked for {total} bytes of memory in total; the limit is {} bytes",
+                self.cap
+            );
+            self.refused = Some(msg.clone());
+            // Trap at once: a -1 from memory.grow ends as a guest-specific crash or MemoryError
+            // that cannot be told apart from a bug, and Python may swallow it.
+            return Err(wasmtime::format_err!("{msg}"));
+        }
+        self.total = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            let msg = format!("the step asked for a table of {desired} elements; the limit is {MAX_TABLE_ELEMENTS}");
+            self.refused = Some(msg.clone());
+            return Err(wasmtime::format_err!("{msg}"));
+        }
+        Ok(true)
+    }
+}
+
+/// Why the host stopped a running guest.
+#[derive(Clone, Debug)]
+enum Stop {
+    WallTime,
+    Disk(LimitKind, String),
+}
+
+/// The data of one run's Store.
+pub struct StepState {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+    deadline: Instant,
+    watch: DiskWatch,
+    stop: Option<Stop>,
+}
+
+impl std::fmt::Debug for StepState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepState").field("limiter", &self.limiter).finish_non_exhaustive()
+    }
+}
+
+impl WasiView for StepState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
+}
+
+impl StepState {
+    /// The preview-1 context, for `wasmtime_wasi::p1::add_to_linker_async`.
+    pub fn p1(&mut self) -> &mut WasiP1Ctx {
+        &mut self.wasi
+    }
+}
+
+/// A wall clock fixed at 2000-01-01T00:00:00Z, for deterministic runs.
+struct FixedWallClock;
+impl wasmtime_wasi::HostWallClock for FixedWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_secs(946_684_800)
+    }
+}
+
+/// A monotonic clock that advances 1 µs per reading, for deterministic runs.
+#[derive(Default)]
+struct CountingClock(std::sync::atomic::AtomicU64);
+impl wasmtime_wasi::HostMonotonicClock for CountingClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+    fn now(&self) -> u64 {
+        self.0.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed) + 1_000
+    }
+}
+
+/// What the guest's entry point returned.
+pub type GuestExit = wasmtime::Result<i32>;
+
+/// A prepared store plus the pipes and timers of one run.
+pub struct Run {
+    /// The store, ready to instantiate into.
+    pub store: Store<StepState>,
+    stdout: LimitedPipe,
+    stderr: LimitedPipe,
+    fuel: Option<u64>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("fuel", &self.fuel).finish_non_exhaustive()
+    }
+}
+
+/// How a run ended, before outputs are collected.
+#[derive(Debug)]
+pub struct Ending {
+    /// The status.
+    pub status: Status,
+    /// The exit code, when the guest exited.
+    pub exit_code: Option<i32>,
+    /// Why, in words (empty for success).
+    pub message: String,
+    /// stdout kept.
+    pub stdout: bytes::Bytes,
+    /// stderr kept.
+    pub stderr: bytes::Bytes,
+    /// Whether stdout passed its cap.
+    pub stdout_truncated: bool,
+    /// Whether stderr passed its cap.
+    pub stderr_truncated: bool,
+    /// Fuel used, when metered.
+    pub fuel_consumed: Option<u64>,
+    /// Highest total memory.
+    pub peak_memory: u64,
+    /// Time the guest ran.
+    pub wall_time: Duration,
+}
+
+impl Run {
+    /// Builds the store for `job` in `dir`: WASI context, limits, epoch callback.
+    pub fn new(
+        engines: &Engines,
+        job: &ValidJob,
+        dir: &JobDir,
+        argv0: &str,
+        listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
+    ) -> anyhow::Result<Run> {
+        let limits: &Limits = &job.limits;
+        let stdout = LimitedPipe::new(StreamKind::Stdout, limits.stdout_bytes, listener.clone());
+        let stderr = LimitedPipe::new(StreamKind::Stderr, limits.stderr_bytes, listener);
+
+        let mut b = WasiCtxBuilder::new();
+        b.stdin(MemoryInputPipe::new(job.job.stdin.clone()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .arg(argv0)
+            .args(&job.job.args)
+            .envs(&job.env.iter().collect::<Vec<_>>())
+            .initial_cwd(dir.cwd)
+            // No network of any kind: these are wasmtime-wasi's defaults, stated so they stay so.
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }));
+        for m in &dir.mounts {
+            let perms = if m.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            b.preopened_dir(&m.host, m.guest, perms)?;
+        }
+        let policy = &job.policy.file;
+        if policy.deterministic {
+            b.secure_random(rand::rngs::StdRng::seed_from_u64(policy.seed))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(policy.seed.wrapping_add(1)))
+                .insecure_random_seed(u128::from(policy.seed))
+                .wall_clock(FixedWallClock)
+                .monotonic_clock(CountingClock::default());
+        }
+
+        let mut writable: Vec<_> = dir.mounts.iter().filter(|m| m.writable).map(|m| m.host.clone()).collect();
+        writable.dedup();
+        let watch = DiskWatch::new(writable, dir.preexisting.0, dir.preexisting.1, limits.clone());
+        let state = StepState {
+            wasi: b.build_p1(),
+            limiter: MemoryLimiter::new(limits.memory_bytes),
+            deadline: Instant::now() + limits.wall_time,
+            watch,
+            stop: None,
+        };
+        let mut store = Store::new(engines.engine(limits.fuel.is_some()), state);
+        store.limiter(|s| &mut s.limiter);
+        if let Some(fuel) = limits.fuel {
+            store.set_fuel(fuel)?;
+        }
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.stop = Some(Stop::WallTime);
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            if let Some((kind, msg)) = state.watch.check() {
+                state.stop = Some(Stop::Disk(kind, msg));
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            // Yield so other jobs on this thread and cancellation (a dropped future) get a turn.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        Ok(Run { store, stdout, stderr, fuel: limits.fuel, started: Instant::now() })
+    }
+
+    /// Restarts the wall clock: call right before the guest starts running.
+    pub fn start_clock(&mut self, wall_time: Duration) {
+        self.started = Instant::now();
+        self.store.data_mut().deadline = self.started + wall_time;
+    }
+
+    /// Classifies how the guest ended. `exit` is `None` when the host's backstop timer fired
+    /// (the guest was blocked in a host call past its wall time).
+    pub fn finish(self, exit: Option<GuestExit>) -> Ending {
+        let wall_time = self.started.elapsed();
+        let fuel_consumed = self.fuel.map(|f| f.saturating_sub(self.store.get_fuel().unwrap_or(0)));
+        let state = self.store.into_data();
+        let limits_msg = |kind: &str| format!("{kind} exceeded its limit");
+
+        let (stdout_truncated, stderr_truncated) = (self.stdout.overflowed(), self.stderr.overflowed());
+        let exit_code = match &exit {
+            Some(Ok(code)) => Some(*code),
+            Some(Err(e)) => e.downcast_ref::<I32Exit>().map(|e| e.0),
+            None => None,
+        };
+        let trap = match &exit {
+            Some(Err(e)) => e.downcast_ref::<Trap>().copied(),
+            _ => None,
+        };
+        // Host-side signals first: they explain the trap or failure that followed them.
+        let (status, message) = if matches!(state.stop, Some(Stop::WallTime)) || exit.is_none() {
+            (Status::TimedOut, format!("the step ran past its wall-time limit of {:?}", state.watch_limits().wall_time))
+        } else if stdout_truncated {
+            (Status::OutputExceeded, format!("{} of {} bytes", limits_msg("stdout"), state.watch_limits().stdout_bytes))
+        } else if stderr_truncated {
+            (Status::OutputExceeded, format!("{} of {} bytes", limits_msg("stderr"), state.watch_limits().stderr_bytes))
+        } else if let Some(Stop::Disk(kind, msg)) = &state.stop {
+            (Status::OutputExceeded, format!("{msg} (limit `{kind}`); the step was stopped while writing"))
+        } else if let Some(msg) = &state.limiter.refused {
+            (Status::MemoryExceeded, msg.clone())
+        } else if let Some(code) = exit_code {
+            if code == 0 {
+                (Status::Succeeded, String::new())
+            } else {
+                (Status::Failed, format!("the step exited with code {code}"))
+            }
+        } else if trap == Some(Trap::OutOfFuel) {
+            (Status::FuelExhausted, format!("the step used its whole fuel budget of {}", self.fuel.unwrap_or(0)))
+        } else if trap == Some(Trap::Interrupt) {
+            (Status::TimedOut, "the step was interrupted (cancelled)".to_string())
+        } else if let Some(trap) = trap {
+            (Status::Trapped, format!("the step trapped: {trap}"))
+        } else {
+            let e = match exit {
+                Some(Err(e)) => e,
+                _ => unreachable!("every other case has an exit code or a trap"),
+            };
+            // Not a wasm trap: a host function failed on the guest's behalf (or a guest that
+            // panicked inside the runtime). Report it as a trap with the whole chain.
+            (Status::Trapped, format!("the step stopped with an error: {e:#}"))
+        };
+        Ending {
+            status,
+            exit_code,
+            message,
+            stdout: self.stdout.contents(),
+            stderr: self.stderr.contents(),
+            stdout_truncated,
+            stderr_truncated,
+            fuel_consumed,
+            peak_memory: state.limiter.peak,
+            wall_time,
+        }
+    }
+}
+
+impl StepState {
+    fn watch_limits(&self) -> &Limits {
+        self.watch.limits()
+    }
+}
+
+/// Runs `guest` on `run`'s store with the wall-time backstop: if the guest is blocked in a host
+/// call (sleeping, waiting on stdin) the epoch callback cannot fire, so a timer two ticks past the
+/// limit drops the future, which stops the guest.
+pub async fn with_backstop<F>(wall_time: Duration, guest: F) -> Option<GuestExit>
+where
+    F: std::future::Future<Output = GuestExit>,
+{
+    tokio::time::timeout(wall_time + 2 * EPOCH_TICK, guest).await.ok()
+}

@@ -138,7 +138,10 @@ impl GlobalArgs {
 
     /// The executor configuration these options describe.
     pub fn executor_config(&self) -> anyhow::Result<ExecutorConfig> {
-        let mut c = ExecutorConfig { policies: self.policies()?, ..ExecutorConfig::default() };
+        let mut c = ExecutorConfig {
+            policies: self.policies()?,
+            ..ExecutorConfig::default()
+        };
         if let Some(w) = &self.work_root {
             c.work_root = w.clone();
         }
@@ -187,15 +190,21 @@ impl PolicyCommand {
             }
             PolicyCommand::Show { name } => {
                 let set = global.policies()?;
-                let p = set
-                    .get(&name)
-                    .with_context(|| format!("unknown policy `{name}`: expected one of {}", set.names().join(", ")))?;
+                let p = set.get(&name).with_context(|| {
+                    format!(
+                        "unknown policy `{name}`: expected one of {}",
+                        set.names().join(", ")
+                    )
+                })?;
                 writeln!(out, "{}", serde_json::to_string_pretty(p.as_ref())?)?;
             }
             PolicyCommand::Check { file } => {
-                let text =
-                    std::fs::read_to_string(&file).with_context(|| format!("failed to read `{}`", file.display()))?;
-                let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("failed to read `{}`", file.display()))?;
+                let name = file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default();
                 let p = crate::policy::Policy::parse(name, &text, &file.display().to_string())?;
                 writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
             }
@@ -208,21 +217,32 @@ impl PolicyCommand {
 /// Reads every regular file under `dir` (symlinks are refused, not followed) with relative paths.
 fn read_input_dir(dir: &Path) -> anyhow::Result<Vec<InputFile>> {
     let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(dir).follow_links(false).sort_by_file_name() {
-        let entry = entry.with_context(|| format!("failed to read input directory `{}`", dir.display()))?;
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let entry =
+            entry.with_context(|| format!("failed to read input directory `{}`", dir.display()))?;
         if entry.file_type().is_dir() {
             continue;
         }
         if !entry.file_type().is_file() {
-            bail!("input `{}` is not a regular file (symlinks are not followed)", entry.path().display());
+            bail!(
+                "input `{}` is not a regular file (symlinks are not followed)",
+                entry.path().display()
+            );
         }
         let rel = entry.path().strip_prefix(dir)?;
         let path = rel
             .to_str()
             .with_context(|| format!("input path `{}` is not UTF-8", rel.display()))?
             .to_string();
-        let content = std::fs::read(entry.path()).with_context(|| format!("failed to read `{}`", entry.path().display()))?;
-        files.push(InputFile { path, content: content.into() });
+        let content = std::fs::read(entry.path())
+            .with_context(|| format!("failed to read `{}`", entry.path().display()))?;
+        files.push(InputFile {
+            path,
+            content: content.into(),
+        });
     }
     Ok(files)
 }
@@ -239,9 +259,14 @@ impl RunArgs {
                 )
             })?,
         };
-        let program = std::fs::read(&self.file).with_context(|| format!("failed to read step `{}`", self.file.display()))?;
+        let program = std::fs::read(&self.file)
+            .with_context(|| format!("failed to read step `{}`", self.file.display()))?;
         let mut job = StepJob::new(runtime, program);
-        job.filename = self.file.file_name().and_then(|f| f.to_str()).map(str::to_string);
+        job.filename = self
+            .file
+            .file_name()
+            .and_then(|f| f.to_str())
+            .map(str::to_string);
         job.policy = self.policy.clone();
         job.layout = self.layout;
         let mut limits = LimitOverrides::default();
@@ -257,14 +282,22 @@ impl RunArgs {
                 .file_name()
                 .and_then(|f| f.to_str())
                 .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
-            let content = std::fs::read(path).with_context(|| format!("failed to read input `{}`", path.display()))?;
-            job.inputs.push(InputFile { path: name.to_string(), content: content.into() });
+            let content = std::fs::read(path)
+                .with_context(|| format!("failed to read input `{}`", path.display()))?;
+            job.inputs.push(InputFile {
+                path: name.to_string(),
+                content: content.into(),
+            });
         }
         if let Some(stdin) = &self.stdin {
-            job.stdin = std::fs::read(stdin).with_context(|| format!("failed to read stdin file `{}`", stdin.display()))?.into();
+            job.stdin = std::fs::read(stdin)
+                .with_context(|| format!("failed to read stdin file `{}`", stdin.display()))?
+                .into();
         }
         for pair in &self.env {
-            let (k, v) = pair.split_once('=').with_context(|| format!("--env `{pair}` is not KEY=VALUE"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--env `{pair}` is not KEY=VALUE"))?;
             job.env.insert(k.to_string(), v.to_string());
         }
         job.args = self.args.clone();
@@ -285,7 +318,9 @@ impl RunArgs {
                 u.compile_cache,
                 u.instantiate_us as f64 / 1000.0,
                 u.peak_memory_bytes / 1024,
-                u.fuel_consumed.map(|f| format!(", fuel {f}")).unwrap_or_default()
+                u.fuel_consumed
+                    .map(|f| format!(", fuel {f}"))
+                    .unwrap_or_default()
             );
         }
         if let Some(dir) = &self.output_dir {
@@ -309,7 +344,8 @@ impl RunArgs {
 /// Writes the result's files under `dir`. Names come from the guest, so each is re-checked as a
 /// safe relative path; symlinks are reported on stderr and not recreated.
 pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("failed to create output directory `{}`", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("failed to create output directory `{}`", dir.display()))?;
     for o in &result.outputs {
         let rel = check_relative_path("output", &o.path)?;
         match &o.kind {
@@ -318,10 +354,14 @@ pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                std::fs::write(&path, &o.content).with_context(|| format!("failed to write `{}`", path.display()))?;
+                std::fs::write(&path, &o.content)
+                    .with_context(|| format!("failed to write `{}`", path.display()))?;
             }
             OutputKind::Symlink { target } => {
-                eprintln!("stepbox: output `{}` is a symlink to `{target}`; not written", o.path);
+                eprintln!(
+                    "stepbox: output `{}` is a symlink to `{target}`; not written",
+                    o.path
+                );
             }
         }
     }

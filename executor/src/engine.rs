@@ -82,7 +82,9 @@ pub struct Engines {
 
 impl std::fmt::Debug for Engines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engines").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+        f.debug_struct("Engines")
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,8 +103,12 @@ impl Engines {
     /// Builds both engines and starts the epoch ticker. `cache_dir` holds compiled runtime
     /// components across processes; `None` keeps them in memory only.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Engines> {
-        let unmetered = Engine::new(&engine_config(false)).map_err(anyhow::Error::from).context("failed to create the wasmtime engine")?;
-        let metered = Engine::new(&engine_config(true)).map_err(anyhow::Error::from).context("failed to create the metered wasmtime engine")?;
+        let unmetered = Engine::new(&engine_config(false))
+            .map_err(anyhow::Error::from)
+            .context("failed to create the wasmtime engine")?;
+        let metered = Engine::new(&engine_config(true))
+            .map_err(anyhow::Error::from)
+            .context("failed to create the metered wasmtime engine")?;
         if let Some(dir) = &cache_dir {
             prepare_private_dir(dir)?;
         }
@@ -144,7 +150,11 @@ impl Engines {
     }
 
     fn memory_get(&self, key: &([u8; 32], bool)) -> Option<Artifact> {
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     fn memory_put(&self, key: ([u8; 32], bool), artifact: Artifact) {
@@ -163,32 +173,55 @@ impl Engines {
         let start = Instant::now();
         let key = (sha256(wasm), fuel);
         if let Some(Artifact::Module(m)) = self.memory_get(&key) {
-            return Ok(Prepared { artifact: m, source: CacheSource::Memory, duration: start.elapsed() });
+            return Ok(Prepared {
+                artifact: m,
+                source: CacheSource::Memory,
+                duration: start.elapsed(),
+            });
         }
         let m = Module::new(self.engine(fuel), wasm)?;
         self.memory_put(key, Artifact::Module(m.clone()));
-        Ok(Prepared { artifact: m, source: CacheSource::Compiled, duration: start.elapsed() })
+        Ok(Prepared {
+            artifact: m,
+            source: CacheSource::Compiled,
+            duration: start.elapsed(),
+        })
     }
 
     /// A compiled component for `wasm`, cached in memory by sha256 and, when `persist` is set and
     /// a cache directory is configured, on disk.
-    pub fn component(&self, wasm: &[u8], fuel: bool, persist: bool) -> anyhow::Result<Prepared<Component>> {
+    pub fn component(
+        &self,
+        wasm: &[u8],
+        fuel: bool,
+        persist: bool,
+    ) -> anyhow::Result<Prepared<Component>> {
         let start = Instant::now();
         let digest = sha256(wasm);
         let key = (digest, fuel);
         if let Some(Artifact::Component(c)) = self.memory_get(&key) {
-            return Ok(Prepared { artifact: c, source: CacheSource::Memory, duration: start.elapsed() });
+            return Ok(Prepared {
+                artifact: c,
+                source: CacheSource::Memory,
+                duration: start.elapsed(),
+            });
         }
         let engine = self.engine(fuel);
         let disk = match (&self.cache_dir, persist) {
-            (Some(dir), true) => Some(dir.join(format!("{}.cwasm", artifact_key(engine, &digest, fuel)))),
+            (Some(dir), true) => {
+                Some(dir.join(format!("{}.cwasm", artifact_key(engine, &digest, fuel))))
+            }
             _ => None,
         };
         if let Some(path) = &disk
             && let Some(c) = load_own_artifact(engine, path)?
         {
             self.memory_put(key, Artifact::Component(c.clone()));
-            return Ok(Prepared { artifact: c, source: CacheSource::Disk, duration: start.elapsed() });
+            return Ok(Prepared {
+                artifact: c,
+                source: CacheSource::Disk,
+                duration: start.elapsed(),
+            });
         }
         let bytes = engine.precompile_component(wasm)?;
         if let Some(path) = &disk {
@@ -199,7 +232,11 @@ impl Engines {
         }
         let c = deserialize_component(engine, &bytes)?;
         self.memory_put(key, Artifact::Component(c.clone()));
-        Ok(Prepared { artifact: c, source: CacheSource::Compiled, duration: start.elapsed() })
+        Ok(Prepared {
+            artifact: c,
+            source: CacheSource::Compiled,
+            duration: start.elapsed(),
+        })
     }
 }
 
@@ -236,17 +273,29 @@ fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool) -> String {
 
 /// Creates `dir` (mode 0700) if needed and checks that only we can write to it.
 fn prepare_private_dir(dir: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("failed to create cache directory `{}`", dir.display()))?;
-    let meta = fs::symlink_metadata(dir).with_context(|| format!("failed to inspect `{}`", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("failed to create cache directory `{}`", dir.display()))?;
+    let meta = fs::symlink_metadata(dir)
+        .with_context(|| format!("failed to inspect `{}`", dir.display()))?;
     if !meta.is_dir() {
-        bail!("cache directory `{}` is not a directory (symlinks are refused)", dir.display());
+        bail!(
+            "cache directory `{}` is not a directory (symlinks are refused)",
+            dir.display()
+        );
     }
     if meta.uid() != rustix::process::geteuid().as_raw() {
-        bail!("cache directory `{}` belongs to another user: use a directory of your own", dir.display());
+        bail!(
+            "cache directory `{}` belongs to another user: use a directory of your own",
+            dir.display()
+        );
     }
     if meta.mode() & 0o022 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cache directory `{}` is writable by others and could not be fixed", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| {
+            format!(
+                "cache directory `{}` is writable by others and could not be fixed",
+                dir.display()
+            )
+        })?;
     }
     Ok(())
 }
@@ -254,8 +303,11 @@ fn prepare_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// Writes `bytes` to `path` atomically (temp file + rename) with mode 0600.
 fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
-    let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir)?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o600))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempfile_in(dir)?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o600))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path)?;
@@ -268,11 +320,15 @@ fn load_own_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Comp
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(None);
     };
-    if !meta.is_file() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+    if !meta.is_file()
+        || meta.uid() != rustix::process::geteuid().as_raw()
+        || meta.mode() & 0o022 != 0
+    {
         tracing::warn!(path = %path.display(), "ignoring a cached artifact this program did not write");
         return Ok(None);
     }
-    let bytes = fs::read(path).with_context(|| format!("failed to read cached artifact `{}`", path.display()))?;
+    let bytes = fs::read(path)
+        .with_context(|| format!("failed to read cached artifact `{}`", path.display()))?;
     match deserialize_component(engine, &bytes) {
         Ok(c) => Ok(Some(c)),
         Err(e) => {
@@ -298,9 +354,13 @@ mod tests {
 
     #[test]
     fn wasmtime_version_matches_the_lock_file() {
-        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
         let needle = format!("name = \"wasmtime\"\nversion = \"{WASMTIME_VERSION}\"");
-        assert!(lock.contains(&needle), "Cargo.lock does not pin wasmtime {WASMTIME_VERSION}");
+        assert!(
+            lock.contains(&needle),
+            "Cargo.lock does not pin wasmtime {WASMTIME_VERSION}"
+        );
     }
 
     #[test]
@@ -309,16 +369,28 @@ mod tests {
         let cache = dir.path().join("cache");
         let wasm = wat::parse_str(WAT).unwrap();
         let engines = Engines::new(Some(cache.clone())).unwrap();
-        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
-        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Memory);
+        assert_eq!(
+            engines.component(&wasm, false, true).unwrap().source,
+            CacheSource::Compiled
+        );
+        assert_eq!(
+            engines.component(&wasm, false, true).unwrap().source,
+            CacheSource::Memory
+        );
         // The metered engine is a different configuration: a separate artifact.
-        assert_eq!(engines.component(&wasm, true, true).unwrap().source, CacheSource::Compiled);
+        assert_eq!(
+            engines.component(&wasm, true, true).unwrap().source,
+            CacheSource::Compiled
+        );
         let files: Vec<_> = fs::read_dir(&cache).unwrap().collect();
         assert_eq!(files.len(), 2);
         drop(engines);
 
         let engines = Engines::new(Some(cache.clone())).unwrap();
-        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Disk);
+        assert_eq!(
+            engines.component(&wasm, false, true).unwrap().source,
+            CacheSource::Disk
+        );
     }
 
     #[test]
@@ -328,17 +400,28 @@ mod tests {
         let wasm = wat::parse_str(WAT).unwrap();
         let engines = Engines::new(Some(cache.clone())).unwrap();
         engines.component(&wasm, false, true).unwrap();
-        let file = fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+        let file = fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
         drop(engines);
         let engines = Engines::new(Some(cache.clone())).unwrap();
-        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
+        assert_eq!(
+            engines.component(&wasm, false, true).unwrap().source,
+            CacheSource::Compiled
+        );
 
         // Garbage in place of an artifact is recompiled over, not trusted.
         drop(engines);
         fs::write(&file, b"not an artifact").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         let engines = Engines::new(Some(cache)).unwrap();
-        assert_eq!(engines.component(&wasm, false, true).unwrap().source, CacheSource::Compiled);
+        assert_eq!(
+            engines.component(&wasm, false, true).unwrap().source,
+            CacheSource::Compiled
+        );
     }
 }

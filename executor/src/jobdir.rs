@@ -51,10 +51,16 @@ impl JobDir {
             .prefix("job-")
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(work_root)
-            .with_context(|| format!("failed to create a job directory in `{}`", work_root.display()))?;
+            .with_context(|| {
+                format!(
+                    "failed to create a job directory in `{}`",
+                    work_root.display()
+                )
+            })?;
         let dir = |name: &str| -> anyhow::Result<PathBuf> {
             let p = root.path().join(name);
-            std::fs::create_dir(&p).with_context(|| format!("failed to create `{}`", p.display()))?;
+            std::fs::create_dir(&p)
+                .with_context(|| format!("failed to create `{}`", p.display()))?;
             Ok(p)
         };
         let scratch = dir("tmp")?;
@@ -62,17 +68,37 @@ impl JobDir {
             Layout::InputOutput => {
                 let (input, output) = (dir("input")?, dir("output")?);
                 let mounts = vec![
-                    Mount { host: input.clone(), guest: "/input", writable: false },
-                    Mount { host: output.clone(), guest: "/output", writable: true },
-                    Mount { host: scratch.clone(), guest: "/tmp", writable: true },
+                    Mount {
+                        host: input.clone(),
+                        guest: "/input",
+                        writable: false,
+                    },
+                    Mount {
+                        host: output.clone(),
+                        guest: "/output",
+                        writable: true,
+                    },
+                    Mount {
+                        host: scratch.clone(),
+                        guest: "/tmp",
+                        writable: true,
+                    },
                 ];
                 (mounts, output, input, "/output")
             }
             Layout::MntData => {
                 let data = dir("data")?;
                 let mounts = vec![
-                    Mount { host: data.clone(), guest: "/mnt/data", writable: true },
-                    Mount { host: scratch.clone(), guest: "/tmp", writable: true },
+                    Mount {
+                        host: data.clone(),
+                        guest: "/mnt/data",
+                        writable: true,
+                    },
+                    Mount {
+                        host: scratch.clone(),
+                        guest: "/tmp",
+                        writable: true,
+                    },
                 ];
                 (mounts, data.clone(), data, "/mnt/data")
             }
@@ -82,16 +108,26 @@ impl JobDir {
         for (file, rel) in job.job.inputs.iter().zip(&job.input_paths) {
             let path = input_dir.join(rel);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("failed to create `{}`", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("failed to create `{}`", parent.display()))?;
             }
-            std::fs::write(&path, &file.content).with_context(|| format!("failed to write input `{}`", file.path))?;
+            std::fs::write(&path, &file.content)
+                .with_context(|| format!("failed to write input `{}`", file.path))?;
             if let Some(b) = &mut baseline {
                 b.insert(rel.clone(), sha256_hex(&file.content));
                 preexisting.0 += 1;
                 preexisting.1 += file.content.len() as u64;
             }
         }
-        Ok(JobDir { root, mounts, data_dir, scratch_dir: scratch, cwd, baseline, preexisting })
+        Ok(JobDir {
+            root,
+            mounts,
+            data_dir,
+            scratch_dir: scratch,
+            cwd,
+            baseline,
+            preexisting,
+        })
     }
 
     /// The job directory itself.
@@ -102,6 +138,8 @@ impl JobDir {
     /// Removes the tree now, reporting failure (dropping also removes it, silently).
     pub fn remove(self) -> anyhow::Result<()> {
         let path = self.root.path().to_path_buf();
-        self.root.close().with_context(|| format!("failed to remove job directory `{}`", path.display()))
+        self.root
+            .close()
+            .with_context(|| format!("failed to remove job directory `{}`", path.display()))
     }
 }

@@ -10,6 +10,20 @@
 //!
 //! Defaults: the embedded policies, a work root under the system temp directory, and compiled
 //! runtime components cached in `$XDG_CACHE_HOME/stepbox` (or `~/.cache/stepbox`).
+//!
+//! ```no_run
+//! use stepbox::{Executor, ExecutorConfig, InputFile, RuntimeKind, Status, StepJob};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let executor = Executor::new(ExecutorConfig::default())?;
+//! let mut job = StepJob::new(RuntimeKind::Python, "print(open('/input/a.csv').read().count('\\n'))");
+//! job.inputs.push(InputFile { path: "a.csv".into(), content: "x\n1\n".into() });
+//! job.limits.set_pair("wall_time=5s").map_err(anyhow::Error::msg)?;
+//! let result = executor.run(job).await?;
+//! assert_eq!(result.status, Status::Succeeded);
+//! assert_eq!(&result.stdout[..], b"2\n");
+//! # Ok(()) }
+//! ```
 
 pub mod cli;
 pub mod engine;
@@ -158,7 +172,12 @@ impl Executor {
         .await
     }
 
-    async fn run_inner(&self, run_id: String, job: StepJob, options: RunOptions) -> Result<RunResult, JobError> {
+    async fn run_inner(
+        &self,
+        run_id: String,
+        job: StepJob,
+        options: RunOptions,
+    ) -> Result<RunResult, JobError> {
         let job = job.validate(&self.policies)?;
         let limits = job.limits.clone();
         let fuel = limits.fuel.is_some();
@@ -176,13 +195,26 @@ impl Executor {
             RuntimeKind::Python => std::str::from_utf8(&job.job.program).unwrap_or_default(),
             RuntimeKind::Wasm => "",
         };
-        let call = PythonCall { source, filename: &job.filename, cwd: dir.cwd };
+        let call = PythonCall {
+            source,
+            filename: &job.filename,
+            cwd: dir.cwd,
+        };
         let mut instantiate = Duration::ZERO;
         run.start_clock(limits.wall_time);
-        let exit = with_backstop(limits.wall_time, prepared.entry.run(&mut run.store, &call, &mut instantiate)).await;
+        let exit = with_backstop(
+            limits.wall_time,
+            prepared.entry.run(&mut run.store, &call, &mut instantiate),
+        )
+        .await;
         let mut ending = run.finish(exit);
 
-        let (outputs, scan) = outputs::collect(&dir.data_dir, &dir.scratch_dir, dir.baseline.as_ref(), &limits);
+        let (outputs, scan) = outputs::collect(
+            &dir.data_dir,
+            &dir.scratch_dir,
+            dir.baseline.as_ref(),
+            &limits,
+        );
         if let Some((kind, msg)) = &scan.exceeded
             && matches!(ending.status, Status::Succeeded | Status::Failed)
         {

@@ -13,6 +13,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A number of bytes: an integer, or a string such as `"256MiB"`, `"64 KiB"` or `"1GB"`.
+///
+/// ```
+/// use stepbox::limits::ByteSize;
+/// assert_eq!("256MiB".parse::<ByteSize>().unwrap(), ByteSize(256 << 20));
+/// assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
+/// assert_eq!(ByteSize(64 << 10).to_string(), "64KiB");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ByteSize(pub u64);
 
@@ -26,17 +33,25 @@ impl FromStr for ByteSize {
         }
         t.parse::<bytesize::ByteSize>()
             .map(|b| ByteSize(b.as_u64()))
-            .map_err(|_| format!("`{s}` is not a size: write bytes as an integer or like \"256MiB\""))
+            .map_err(|_| {
+                format!("`{s}` is not a size: write bytes as an integer or like \"256MiB\"")
+            })
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 >= 1024 && self.0.is_multiple_of(1024) {
-            write!(f, "{}", bytesize::ByteSize(self.0).display().iec_short())
-        } else {
-            write!(f, "{} B", self.0)
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
         }
+        write!(f, "{} B", self.0)
     }
 }
 
@@ -52,9 +67,9 @@ impl FromStr for Millis {
         if let Ok(n) = t.parse::<u64>() {
             return Ok(Millis(Duration::from_millis(n)));
         }
-        humantime::parse_duration(t)
-            .map(Millis)
-            .map_err(|_| format!("`{s}` is not a duration: write milliseconds as an integer or like \"10s\""))
+        humantime::parse_duration(t).map(Millis).map_err(|_| {
+            format!("`{s}` is not a duration: write milliseconds as an integer or like \"10s\"")
+        })
     }
 }
 
@@ -77,7 +92,9 @@ where
         Str(String),
     }
     match Raw::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a non-negative integer or a string such as \"256MiB\" or \"10s\"")
+        serde::de::Error::custom(
+            "expected a non-negative integer or a string such as \"256MiB\" or \"10s\"",
+        )
     })? {
         Raw::Int(n) => Ok(T::from(n)),
         Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
@@ -266,13 +283,17 @@ impl LimitOverrides {
             LimitKind::OutputBytes => self.output_bytes = Some(value.parse().map_err(bad)?),
             LimitKind::WallTime => self.wall_time = Some(value.parse().map_err(bad)?),
             LimitKind::Fuel => {
-                self.fuel = Some(value.trim().replace('_', "").parse().map_err(|_| {
-                    bad(format!("`{value}` is not a whole number of fuel units"))
-                })?)
+                self.fuel =
+                    Some(value.trim().replace('_', "").parse().map_err(|_| {
+                        bad(format!("`{value}` is not a whole number of fuel units"))
+                    })?)
             }
             LimitKind::OutputFiles => {
                 self.output_files = Some(value.trim().parse().map_err(|_| {
-                    bad(format!("`{value}` is not a whole number of files (at most {})", u32::MAX))
+                    bad(format!(
+                        "`{value}` is not a whole number of files (at most {})",
+                        u32::MAX
+                    ))
                 })?)
             }
         }
@@ -409,7 +430,11 @@ impl Limits {
             }
         }
         let fuel = match (asked.fuel, max.fuel) {
-            (Some(0), _) => return Err(LimitError::Zero { kind: LimitKind::Fuel }),
+            (Some(0), _) => {
+                return Err(LimitError::Zero {
+                    kind: LimitKind::Fuel,
+                });
+            }
             (Some(v), Some(m)) if v > m => {
                 return Err(LimitError::AboveMaximum {
                     kind: LimitKind::Fuel,
@@ -422,14 +447,43 @@ impl Limits {
             (None, _) => default.fuel,
         };
         Ok(Limits {
-            memory_bytes: pick(policy, LimitKind::Memory, asked.memory, default.memory, max.memory, |v| v.0 == 0)?.0,
-            fuel,
-            wall_time: pick(policy, LimitKind::WallTime, asked.wall_time, default.wall_time, max.wall_time, |v| {
-                v.0.is_zero()
-            })?
+            memory_bytes: pick(
+                policy,
+                LimitKind::Memory,
+                asked.memory,
+                default.memory,
+                max.memory,
+                |v| v.0 == 0,
+            )?
             .0,
-            stdout_bytes: pick(policy, LimitKind::Stdout, asked.stdout, default.stdout, max.stdout, |_| false)?.0,
-            stderr_bytes: pick(policy, LimitKind::Stderr, asked.stderr, default.stderr, max.stderr, |_| false)?.0,
+            fuel,
+            wall_time: pick(
+                policy,
+                LimitKind::WallTime,
+                asked.wall_time,
+                default.wall_time,
+                max.wall_time,
+                |v| v.0.is_zero(),
+            )?
+            .0,
+            stdout_bytes: pick(
+                policy,
+                LimitKind::Stdout,
+                asked.stdout,
+                default.stdout,
+                max.stdout,
+                |_| false,
+            )?
+            .0,
+            stderr_bytes: pick(
+                policy,
+                LimitKind::Stderr,
+                asked.stderr,
+                default.stderr,
+                max.stderr,
+                |_| false,
+            )?
+            .0,
             output_files: pick(
                 policy,
                 LimitKind::OutputFiles,
@@ -472,9 +526,20 @@ mod tests {
         assert_eq!("256MiB".parse::<ByteSize>().unwrap(), ByteSize(256 << 20));
         assert_eq!("1 KiB".parse::<ByteSize>().unwrap(), ByteSize(1024));
         assert_eq!("1000".parse::<ByteSize>().unwrap(), ByteSize(1000));
-        assert!("lots".parse::<ByteSize>().unwrap_err().contains("`lots` is not a size"));
-        assert_eq!("10s".parse::<Millis>().unwrap(), Millis(Duration::from_secs(10)));
-        assert_eq!("250".parse::<Millis>().unwrap(), Millis(Duration::from_millis(250)));
+        assert!(
+            "lots"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("`lots` is not a size")
+        );
+        assert_eq!(
+            "10s".parse::<Millis>().unwrap(),
+            Millis(Duration::from_secs(10))
+        );
+        assert_eq!(
+            "250".parse::<Millis>().unwrap(),
+            Millis(Duration::from_millis(250))
+        );
         assert!("soon".parse::<Millis>().is_err());
         assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
     }
@@ -483,7 +548,10 @@ mod tests {
     fn overrides_tighten_and_may_not_exceed_the_maximum() {
         let (d, m) = (table(100, None), table(1000, Some(50)));
         let mut asked = LimitOverrides::default();
-        assert_eq!(Limits::resolve("p", &d, &m, &asked).unwrap().memory_bytes, 100);
+        assert_eq!(
+            Limits::resolve("p", &d, &m, &asked).unwrap().memory_bytes,
+            100
+        );
         asked.set_pair("memory=500").unwrap();
         asked.set_pair("fuel=50").unwrap();
         let l = Limits::resolve("p", &d, &m, &asked).unwrap();
@@ -498,30 +566,49 @@ mod tests {
         asked.set_pair("fuel=51").unwrap();
         assert!(matches!(
             Limits::resolve("p", &d, &m, &asked),
-            Err(LimitError::AboveMaximum { kind: LimitKind::Fuel, .. })
+            Err(LimitError::AboveMaximum {
+                kind: LimitKind::Fuel,
+                ..
+            })
         ));
         asked.set_pair("fuel=0").unwrap();
         assert_eq!(
             Limits::resolve("p", &d, &m, &asked),
-            Err(LimitError::Zero { kind: LimitKind::Fuel })
+            Err(LimitError::Zero {
+                kind: LimitKind::Fuel
+            })
         );
     }
 
     #[test]
     fn limit_keys_are_checked() {
         let mut o = LimitOverrides::default();
-        assert!(o.set_pair("cpu=3").unwrap_err().contains("unknown limit `cpu`"));
+        assert!(
+            o.set_pair("cpu=3")
+                .unwrap_err()
+                .contains("unknown limit `cpu`")
+        );
         assert!(o.set_pair("memory").unwrap_err().contains("KEY=VALUE"));
         assert!(o.set_pair("wall-time=2s").is_ok());
         assert_eq!(o.wall_time, Some(Millis(Duration::from_secs(2))));
-        assert!(o.set_pair("output_files=-1").unwrap_err().contains("output_files"));
+        assert!(
+            o.set_pair("output_files=-1")
+                .unwrap_err()
+                .contains("output_files")
+        );
     }
 
     #[test]
     fn table_comparison_finds_the_first_offender() {
         assert_eq!(table(100, None).first_above(&table(1000, None)), None);
-        assert_eq!(table(2000, None).first_above(&table(1000, None)), Some(LimitKind::Memory));
-        assert_eq!(table(1, None).first_above(&table(1, Some(5))), Some(LimitKind::Fuel));
+        assert_eq!(
+            table(2000, None).first_above(&table(1000, None)),
+            Some(LimitKind::Memory)
+        );
+        assert_eq!(
+            table(1, None).first_above(&table(1, Some(5))),
+            Some(LimitKind::Fuel)
+        );
         assert_eq!(table(0, None).first_zero(), Some(LimitKind::Memory));
     }
 }

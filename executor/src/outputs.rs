@@ -58,7 +58,11 @@ struct Walk {
 
 fn walk(root: &Path) -> Walk {
     let mut out = Walk::default();
-    for entry in walkdir::WalkDir::new(root).follow_links(false).min_depth(1).max_depth(MAX_DEPTH + 1) {
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .min_depth(1)
+        .max_depth(MAX_DEPTH + 1)
+    {
         let Ok(entry) = entry else { continue };
         if entry.file_type().is_dir() {
             continue;
@@ -68,7 +72,11 @@ fn walk(root: &Path) -> Walk {
             continue;
         }
         if let Ok(meta) = entry.metadata() {
-            let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_path_buf();
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap_or(entry.path())
+                .to_path_buf();
             out.entries.push((rel, meta));
         }
     }
@@ -101,13 +109,19 @@ fn check(files: u64, bytes: u64, too_deep: bool, limits: &Limits) -> Option<(Lim
     if files > u64::from(limits.output_files) {
         return Some((
             LimitKind::OutputFiles,
-            format!("the step left {files} files; the limit is {}", limits.output_files),
+            format!(
+                "the step left {files} files; the limit is {}",
+                limits.output_files
+            ),
         ));
     }
     if bytes > limits.output_bytes {
         return Some((
             LimitKind::OutputBytes,
-            format!("the step wrote {bytes} bytes; the limit is {}", limits.output_bytes),
+            format!(
+                "the step wrote {bytes} bytes; the limit is {}",
+                limits.output_bytes
+            ),
         ));
     }
     None
@@ -126,7 +140,12 @@ pub struct DiskWatch {
 
 impl DiskWatch {
     /// Watches `dirs`, discounting what was there at the start.
-    pub fn new(dirs: Vec<PathBuf>, allowance_files: u64, allowance_bytes: u64, limits: Limits) -> DiskWatch {
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        allowance_files: u64,
+        allowance_bytes: u64,
+        limits: Limits,
+    ) -> DiskWatch {
         DiskWatch {
             dirs,
             allowance_bytes,
@@ -171,7 +190,12 @@ fn read_nofollow(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 
 /// Collects the outputs of `data_dir` and measures `scratch_dir` against the limits. With a
 /// `baseline` (the `mnt-data` layout), files whose content still matches it are not outputs.
-pub fn collect(data_dir: &Path, scratch_dir: &Path, baseline: Option<&Baseline>, limits: &Limits) -> (Vec<OutputFile>, OutputScan) {
+pub fn collect(
+    data_dir: &Path,
+    scratch_dir: &Path,
+    baseline: Option<&Baseline>,
+    limits: &Limits,
+) -> (Vec<OutputFile>, OutputScan) {
     let data = walk(data_dir);
     let scratch = walk(scratch_dir);
     let mut outputs = Vec::new();
@@ -183,7 +207,9 @@ pub fn collect(data_dir: &Path, scratch_dir: &Path, baseline: Option<&Baseline>,
         let full = data_dir.join(rel);
         let ft = meta.file_type();
         let out = if ft.is_symlink() {
-            let target = std::fs::read_link(&full).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+            let target = std::fs::read_link(&full)
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
             OutputFile {
                 path,
                 kind: OutputKind::Symlink { target },
@@ -199,7 +225,10 @@ pub fn collect(data_dir: &Path, scratch_dir: &Path, baseline: Option<&Baseline>,
                 Vec::new()
             };
             let digest = sha256_hex(&content);
-            if baseline.and_then(|b| b.get(rel)).is_some_and(|d| *d == digest && meta.len() == content.len() as u64) {
+            if baseline
+                .and_then(|b| b.get(rel))
+                .is_some_and(|d| *d == digest && meta.len() == content.len() as u64)
+            {
                 continue; // an input the step did not change
             }
             budget = budget.saturating_sub(meta.len());
@@ -225,10 +254,19 @@ pub fn collect(data_dir: &Path, scratch_dir: &Path, baseline: Option<&Baseline>,
         outputs.retain(|o| {
             n += 1;
             b += o.size;
-            n <= u64::from(limits.output_files) && b <= limits.output_bytes && o.content.len() as u64 == o.size
+            n <= u64::from(limits.output_files)
+                && b <= limits.output_bytes
+                && o.content.len() as u64 == o.size
         });
     }
-    (outputs, OutputScan { files, bytes, exceeded })
+    (
+        outputs,
+        OutputScan {
+            files,
+            bytes,
+            exceeded,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -261,7 +299,12 @@ mod tests {
         assert!(scan.exceeded.is_none());
         let paths: Vec<_> = outs.iter().map(|o| (o.path.as_str(), o.size)).collect();
         assert_eq!(paths, [("dirlink", 0), ("link", 0), ("sub/a.txt", 5)]);
-        assert_eq!(outs[1].kind, OutputKind::Symlink { target: "/etc/passwd".into() });
+        assert_eq!(
+            outs[1].kind,
+            OutputKind::Symlink {
+                target: "/etc/passwd".into()
+            }
+        );
         assert!(outs[1].content.is_empty());
         assert_eq!(&outs[2].content[..], b"hello");
     }
@@ -281,7 +324,10 @@ mod tests {
         ]
         .into();
         let (outs, scan) = collect(&data, &tmp, Some(&baseline), &limits(10, 12));
-        assert_eq!(outs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(), ["changed.csv"]);
+        assert_eq!(
+            outs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(),
+            ["changed.csv"]
+        );
         assert_eq!((scan.files, scan.bytes), (2, 12));
         assert!(scan.exceeded.is_none());
         let (_, scan) = collect(&data, &tmp, Some(&baseline), &limits(10, 11));

@@ -52,7 +52,11 @@ const MAX_PERMIT: usize = 64 * 1024;
 
 impl LimitedPipe {
     /// A pipe keeping at most `cap` bytes, optionally streaming each accepted chunk to `listener`.
-    pub fn new(kind: StreamKind, cap: u64, listener: Option<UnboundedSender<OutputChunk>>) -> LimitedPipe {
+    pub fn new(
+        kind: StreamKind,
+        cap: u64,
+        listener: Option<UnboundedSender<OutputChunk>>,
+    ) -> LimitedPipe {
         LimitedPipe {
             kind,
             cap: usize::try_from(cap).unwrap_or(usize::MAX),
@@ -155,9 +159,15 @@ impl Pollable for LimitedPipe {
 }
 
 impl AsyncWrite for LimitedPipe {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.append(buf) {
-            (_, true) => Poll::Ready(Err(std::io::Error::other(self.overflow_error().to_string()))),
+            (_, true) => Poll::Ready(Err(std::io::Error::other(
+                self.overflow_error().to_string(),
+            ))),
             (kept, false) => Poll::Ready(Ok(kept)),
         }
     }

@@ -20,10 +20,16 @@ pub const DEFAULT_POLICY: &str = "default";
 
 /// The shipped policies, embedded at build time from `sandbox-policies/`.
 const EMBEDDED: &[(&str, &str)] = &[
-    ("default", include_str!("../../sandbox-policies/default.toml")),
+    (
+        "default",
+        include_str!("../../sandbox-policies/default.toml"),
+    ),
     ("strict", include_str!("../../sandbox-policies/strict.toml")),
     ("heavy", include_str!("../../sandbox-policies/heavy.toml")),
-    ("deterministic", include_str!("../../sandbox-policies/deterministic.toml")),
+    (
+        "deterministic",
+        include_str!("../../sandbox-policies/deterministic.toml"),
+    ),
 ];
 
 /// The contents of one policy file.
@@ -72,9 +78,13 @@ impl Policy {
     pub fn parse(name: &str, text: &str, origin: &str) -> anyhow::Result<Policy> {
         if name.is_empty()
             || name.len() > 64
-            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
-            bail!("policy file `{origin}`: the name `{name}` must be 1-64 characters of a-z, 0-9, `-` or `_`");
+            bail!(
+                "policy file `{origin}`: the name `{name}` must be 1-64 characters of a-z, 0-9, `-` or `_`"
+            );
         }
         let file: PolicyFile = toml::from_str(text).map_err(|e| {
             // toml's message names the key and the reason; add the file.
@@ -87,7 +97,9 @@ impl Policy {
                     "policy file `{origin}`: key `limits.default.fuel` must be set because `limits.max.fuel` is"
                 );
             }
-            bail!("policy file `{origin}`: key `limits.default.{kind}` is above `limits.max.{kind}`");
+            bail!(
+                "policy file `{origin}`: key `limits.default.{kind}` is above `limits.max.{kind}`"
+            );
         }
         if let Some(kind) = d.first_zero().or_else(|| m.first_zero()) {
             bail!("policy file `{origin}`: key `limits.*.{kind}` must be greater than zero");
@@ -102,7 +114,10 @@ impl Policy {
             crate::request::check_env_var(k, v)
                 .with_context(|| format!("policy file `{origin}`: key `env.{k}`"))?;
         }
-        Ok(Policy { name: name.to_string(), file })
+        Ok(Policy {
+            name: name.to_string(),
+            file,
+        })
     }
 
     /// The limits for a job under this policy.
@@ -129,7 +144,8 @@ impl PolicySet {
             .iter()
             .map(|(name, text)| {
                 let origin = format!("sandbox-policies/{name}.toml (embedded)");
-                let p = Policy::parse(name, text, &origin).expect("shipped policies are tested to parse");
+                let p = Policy::parse(name, text, &origin)
+                    .expect("shipped policies are tested to parse");
                 (name.to_string(), Arc::new(p))
             })
             .collect();
@@ -139,14 +155,18 @@ impl PolicySet {
     /// Every `*.toml` file in `dir`, named by file stem. The directory must hold `default.toml`.
     pub fn load_dir(dir: &Path) -> anyhow::Result<PolicySet> {
         let mut policies = BTreeMap::new();
-        let entries =
-            std::fs::read_dir(dir).with_context(|| format!("failed to read policies directory `{}`", dir.display()))?;
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("failed to read policies directory `{}`", dir.display()))?;
         for entry in entries {
             let path = entry?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
-            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("failed to read policy file `{}`", path.display()))?;
             let policy = Policy::parse(&name, &text, &path.display().to_string())?;
@@ -163,7 +183,11 @@ impl PolicySet {
 
     /// The policy called `name` (`""` means [`DEFAULT_POLICY`]).
     pub fn get(&self, name: &str) -> Option<&Arc<Policy>> {
-        let name = if name.is_empty() { DEFAULT_POLICY } else { name };
+        let name = if name.is_empty() {
+            DEFAULT_POLICY
+        } else {
+            name
+        };
         self.policies.get(name)
     }
 
@@ -205,7 +229,8 @@ mod tests {
 
     #[test]
     fn checked_in_schema_is_current() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sandbox-policies/policy.schema.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../sandbox-policies/policy.schema.json");
         let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             on_disk == json_schema(),
@@ -235,22 +260,40 @@ mod tests {
     #[test]
     fn errors_name_the_file_key_and_reason() {
         assert!(Policy::parse("t", GOOD, "t.toml").is_ok());
-        let unknown = GOOD.replace("stdout = \"1KiB\"\n        stderr", "stdot = 1\n        stderr");
+        let unknown = GOOD.replace(
+            "stdout = \"1KiB\"\n        stderr",
+            "stdot = 1\n        stderr",
+        );
         let e = format!("{:#}", Policy::parse("t", &unknown, "t.toml").unwrap_err());
         assert!(e.contains("t.toml") && e.contains("stdot"), "{e}");
         let bad_size = GOOD.replace("\"64MiB\"", "\"lots\"");
         let e = format!("{:#}", Policy::parse("t", &bad_size, "t.toml").unwrap_err());
-        assert!(e.contains("`lots` is not a size") && e.contains("memory"), "{e}");
+        assert!(
+            e.contains("`lots` is not a size") && e.contains("memory"),
+            "{e}"
+        );
         let above = GOOD.replace("\"64MiB\"", "\"1GiB\"");
         let e = format!("{:#}", Policy::parse("t", &above, "t.toml").unwrap_err());
-        assert!(e.contains("limits.default.memory") && e.contains("above"), "{e}");
-        let det = GOOD.replace("description = \"t\"", "description = \"t\"\ndeterministic = true");
+        assert!(
+            e.contains("limits.default.memory") && e.contains("above"),
+            "{e}"
+        );
+        let det = GOOD.replace(
+            "description = \"t\"",
+            "description = \"t\"\ndeterministic = true",
+        );
         let e = format!("{:#}", Policy::parse("t", &det, "t.toml").unwrap_err());
         assert!(e.contains("limits.default.fuel"), "{e}");
-        let env = GOOD.replace("description = \"t\"", "description = \"t\"\nenv = { \"A=B\" = \"x\" }");
+        let env = GOOD.replace(
+            "description = \"t\"",
+            "description = \"t\"\nenv = { \"A=B\" = \"x\" }",
+        );
         let e = format!("{:#}", Policy::parse("t", &env, "t.toml").unwrap_err());
         assert!(e.contains("env.A=B"), "{e}");
-        let e = format!("{:#}", Policy::parse("Bad Name", GOOD, "x.toml").unwrap_err());
+        let e = format!(
+            "{:#}",
+            Policy::parse("Bad Name", GOOD, "x.toml").unwrap_err()
+        );
         assert!(e.contains("Bad Name"), "{e}");
     }
 
@@ -261,6 +304,9 @@ mod tests {
         let e = format!("{:#}", PolicySet::load_dir(dir.path()).unwrap_err());
         assert!(e.contains("no `default.toml`"), "{e}");
         std::fs::write(dir.path().join("default.toml"), GOOD).unwrap();
-        assert_eq!(PolicySet::load_dir(dir.path()).unwrap().names(), ["default", "only"]);
+        assert_eq!(
+            PolicySet::load_dir(dir.path()).unwrap().names(),
+            ["default", "only"]
+        );
     }
 }

@@ -111,7 +111,9 @@ impl FromStr for Layout {
         match s {
             "input-output" => Ok(Layout::InputOutput),
             "mnt-data" => Ok(Layout::MntData),
-            _ => Err(format!("unknown layout `{s}`: expected `input-output` or `mnt-data`")),
+            _ => Err(format!(
+                "unknown layout `{s}`: expected `input-output` or `mnt-data`"
+            )),
         }
     }
 }
@@ -274,7 +276,9 @@ pub fn check_relative_path(field: &str, path: &str) -> Result<PathBuf, JobError>
             "" => return Err(bad("has an empty component (`//` or a trailing `/`)")),
             "." | ".." => return Err(bad(&format!("has a `{part}` component"))),
             p if p.len() > MAX_NAME_BYTES => {
-                return Err(bad(&format!("has a component longer than {MAX_NAME_BYTES} bytes")));
+                return Err(bad(&format!(
+                    "has a component longer than {MAX_NAME_BYTES} bytes"
+                )));
             }
             p => out.push(p),
         }
@@ -289,7 +293,11 @@ impl StepJob {
         let policy = policies.get(&self.policy).cloned().ok_or_else(|| {
             JobError::invalid(
                 "policy",
-                format!("unknown policy `{}`: expected one of {}", self.policy, policies.names().join(", ")),
+                format!(
+                    "unknown policy `{}`: expected one of {}",
+                    self.policy,
+                    policies.names().join(", ")
+                ),
             )
         })?;
         let limits = policy.limits_for(&self.limits)?;
@@ -302,13 +310,19 @@ impl StepJob {
                 if self.program.len() > MAX_SOURCE_BYTES {
                     return Err(JobError::invalid(
                         "program",
-                        format!("Python source is {} bytes; at most {MAX_SOURCE_BYTES} are accepted", self.program.len()),
+                        format!(
+                            "Python source is {} bytes; at most {MAX_SOURCE_BYTES} are accepted",
+                            self.program.len()
+                        ),
                     ));
                 }
                 if let Err(e) = std::str::from_utf8(&self.program) {
                     return Err(JobError::invalid(
                         "program",
-                        format!("Python source must be UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                        format!(
+                            "Python source must be UTF-8 (invalid byte at offset {})",
+                            e.valid_up_to()
+                        ),
                     ));
                 }
             }
@@ -316,7 +330,10 @@ impl StepJob {
                 if self.program.len() > MAX_MODULE_BYTES {
                     return Err(JobError::invalid(
                         "program",
-                        format!("the module is {} bytes; at most {MAX_MODULE_BYTES} are accepted", self.program.len()),
+                        format!(
+                            "the module is {} bytes; at most {MAX_MODULE_BYTES} are accepted",
+                            self.program.len()
+                        ),
                     ));
                 }
             }
@@ -324,7 +341,10 @@ impl StepJob {
         let filename = match &self.filename {
             None => "step.py".to_string(),
             Some(f) if f.is_empty() || f.len() > MAX_NAME_BYTES || f.contains(['/', '\0']) => {
-                return Err(JobError::invalid("filename", "a file name must be 1-255 bytes with no `/` or NUL"));
+                return Err(JobError::invalid(
+                    "filename",
+                    "a file name must be 1-255 bytes with no `/` or NUL",
+                ));
             }
             Some(f) => f.clone(),
         };
@@ -332,7 +352,10 @@ impl StepJob {
         if self.inputs.len() > MAX_INPUTS {
             return Err(JobError::invalid(
                 "inputs",
-                format!("{} files given; at most {MAX_INPUTS} are accepted", self.inputs.len()),
+                format!(
+                    "{} files given; at most {MAX_INPUTS} are accepted",
+                    self.inputs.len()
+                ),
             ));
         }
         let mut seen = BTreeSet::new();
@@ -342,7 +365,10 @@ impl StepJob {
             let field = format!("inputs[{i}].path");
             let p = check_relative_path(&field, &input.path)?;
             if !seen.insert(p.clone()) {
-                return Err(JobError::invalid(field, format!("path {:?} is given twice", input.path)));
+                return Err(JobError::invalid(
+                    field,
+                    format!("path {:?} is given twice", input.path),
+                ));
             }
             input_paths.push(p);
             total += input.content.len() as u64;
@@ -353,7 +379,11 @@ impl StepJob {
                 if seen.contains(anc) {
                     return Err(JobError::invalid(
                         "inputs",
-                        format!("`{}` is both a file and the directory of `{}`", anc.display(), p.display()),
+                        format!(
+                            "`{}` is both a file and the directory of `{}`",
+                            anc.display(),
+                            p.display()
+                        ),
                     ));
                 }
             }
@@ -365,17 +395,27 @@ impl StepJob {
             ));
         }
 
-        if self.args.len() > MAX_ARGS || self.args.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGS_BYTES {
+        if self.args.len() > MAX_ARGS
+            || self.args.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGS_BYTES
+        {
             return Err(JobError::invalid(
                 "args",
-                format!("at most {MAX_ARGS} arguments totalling {MAX_ARGS_BYTES} bytes are accepted"),
+                format!(
+                    "at most {MAX_ARGS} arguments totalling {MAX_ARGS_BYTES} bytes are accepted"
+                ),
             ));
         }
         if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
-            return Err(JobError::invalid(format!("args[{i}]"), "an argument may not contain NUL"));
+            return Err(JobError::invalid(
+                format!("args[{i}]"),
+                "an argument may not contain NUL",
+            ));
         }
         if self.env.len() > MAX_ENV {
-            return Err(JobError::invalid("env", format!("at most {MAX_ENV} variables are accepted")));
+            return Err(JobError::invalid(
+                "env",
+                format!("at most {MAX_ENV} variables are accepted"),
+            ));
         }
         let mut env = policy.file.env.clone();
         for (k, v) in &self.env {
@@ -410,12 +450,22 @@ mod tests {
     }
 
     fn err(job: StepJob) -> String {
-        job.validate(&PolicySet::embedded()).unwrap_err().to_string()
+        job.validate(&PolicySet::embedded())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn relative_paths_are_accepted() {
-        for ok in ["a.csv", "dir/b.json", "deep/er/c", "spaces ok.txt", "ünïcode.csv", "..a", "a.."] {
+        for ok in [
+            "a.csv",
+            "dir/b.json",
+            "deep/er/c",
+            "spaces ok.txt",
+            "ünïcode.csv",
+            "..a",
+            "a..",
+        ] {
             assert!(check_relative_path("f", ok).is_ok(), "{ok}");
         }
     }
@@ -434,20 +484,38 @@ mod tests {
             ("a\\b", "`\\`"),
         ];
         for (path, why) in cases {
-            let e = check_relative_path("inputs[0].path", path).unwrap_err().to_string();
-            assert!(e.contains(why) && e.contains("inputs[0].path"), "{path:?}: {e}");
+            let e = check_relative_path("inputs[0].path", path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(why) && e.contains("inputs[0].path"),
+                "{path:?}: {e}"
+            );
         }
         let long = "a/".repeat(600) + "b";
-        assert!(check_relative_path("f", &long).unwrap_err().to_string().contains("longer than 1024"));
+        assert!(
+            check_relative_path("f", &long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 1024")
+        );
         let name = "n".repeat(256);
-        assert!(check_relative_path("f", &name).unwrap_err().to_string().contains("longer than 255"));
+        assert!(
+            check_relative_path("f", &name)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 255")
+        );
     }
 
     #[test]
     fn inputs_are_checked_for_duplicates_conflicts_and_count() {
         let mut j = job();
         j.inputs = vec![input("a.csv"), input("b/c.csv"), input("a.csv")];
-        assert_eq!(err(j), "invalid `inputs[2].path`: path \"a.csv\" is given twice");
+        assert_eq!(
+            err(j),
+            "invalid `inputs[2].path`: path \"a.csv\" is given twice"
+        );
         let mut j = job();
         j.inputs = vec![input("b/c.csv"), input("b")];
         assert!(err(j).contains("`b` is both a file and the directory of `b/c.csv`"));
@@ -458,14 +526,23 @@ mod tests {
 
     #[test]
     fn program_policy_limits_and_env_are_checked() {
-        assert_eq!(err(StepJob::new(RuntimeKind::Python, "")), "invalid `program`: the program is empty");
+        assert_eq!(
+            err(StepJob::new(RuntimeKind::Python, "")),
+            "invalid `program`: the program is empty"
+        );
         assert!(err(StepJob::new(RuntimeKind::Python, &b"\xff\xfe"[..])).contains("UTF-8"));
         let mut j = job();
         j.policy = "nope".into();
-        assert!(err(j).contains("unknown policy `nope`: expected one of default, deterministic, heavy, strict"));
+        assert!(err(j).contains(
+            "unknown policy `nope`: expected one of default, deterministic, heavy, strict"
+        ));
         let mut j = job();
         j.limits.set_pair("memory=64GiB").unwrap();
-        assert!(err(j).contains("limit `memory` asks for 64GiB, above policy `default`'s maximum of 2GiB"));
+        assert!(
+            err(j).contains(
+                "limit `memory` asks for 64GiB, above policy `default`'s maximum of 2GiB"
+            )
+        );
         let mut j = job();
         j.env.insert("A=B".into(), "x".into());
         assert!(err(j).contains("env.A=B"));

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sha2::{Digest, Sha256};
 use wasmtime::Store;
 use wasmtime::component::InstancePre as ComponentPre;
 use wasmtime::{InstancePre, Module};
@@ -30,7 +31,9 @@ pub const PYTHON_COMPONENT_FILE: &str = "python-runtime.wasm";
 
 /// Where the build puts the component in a source checkout.
 fn checkout_component() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest").join(PYTHON_COMPONENT_FILE)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guest")
+        .join(PYTHON_COMPONENT_FILE)
 }
 
 /// The places searched for the Python component, in order.
@@ -39,7 +42,10 @@ pub fn python_component_candidates() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os(PYTHON_COMPONENT_ENV) {
         c.push(PathBuf::from(p));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         c.push(dir.join(PYTHON_COMPONENT_FILE));
         c.push(dir.join("../share/stepbox").join(PYTHON_COMPONENT_FILE));
     }
@@ -93,7 +99,12 @@ pub struct PythonCall<'a> {
 impl Entry {
     /// Instantiates and runs the guest to its end. Returns its exit code, or the error that ended
     /// it, and the instantiation time.
-    pub async fn run(&self, store: &mut Store<StepState>, py: &PythonCall<'_>, instantiate: &mut Duration) -> GuestExit {
+    pub async fn run(
+        &self,
+        store: &mut Store<StepState>,
+        py: &PythonCall<'_>,
+        instantiate: &mut Duration,
+    ) -> GuestExit {
         let start = Instant::now();
         let exit = match self {
             Entry::Python(pre) => {
@@ -101,8 +112,14 @@ impl Entry {
                 *instantiate = start.elapsed();
                 let run = instance
                     .get_typed_func::<(&str, &str, &str), (i32,)>(&mut *store, "run-step")
-                    .map_err(|e| e.context("the Python runtime component has no `run-step` export: rebuild it"))?;
-                run.call_async(&mut *store, (py.source, py.filename, py.cwd)).await.map(|(code,)| code)
+                    .map_err(|e| {
+                        e.context(
+                            "the Python runtime component has no `run-step` export: rebuild it",
+                        )
+                    })?;
+                run.call_async(&mut *store, (py.source, py.filename, py.cwd))
+                    .await
+                    .map(|(code,)| code)
             }
             Entry::Module(pre) => {
                 let instance = pre.instantiate_async(&mut *store).await?;
@@ -121,7 +138,9 @@ impl Entry {
             }
         };
         match exit {
-            Err(e) if e.downcast_ref::<I32Exit>().is_some() => Ok(e.downcast_ref::<I32Exit>().map_or(1, |e| e.0)),
+            Err(e) if e.downcast_ref::<I32Exit>().is_some() => {
+                Ok(e.downcast_ref::<I32Exit>().map_or(1, |e| e.0))
+            }
             other => other,
         }
     }
@@ -154,7 +173,9 @@ pub struct Runtimes {
 
 impl std::fmt::Debug for Runtimes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtimes").field("python_path", &self.python_path).finish_non_exhaustive()
+        f.debug_struct("Runtimes")
+            .field("python_path", &self.python_path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,9 +184,19 @@ const WASM_ENTRIES: usize = 64;
 
 impl Runtimes {
     /// Runtimes on `engines`; `python_component` overrides the search for the Python component.
-    pub fn new(engines: Arc<Engines>, python_component: Option<PathBuf>) -> anyhow::Result<Runtimes> {
-        let linkers = [Linkers::new(engines.engine(false))?, Linkers::new(engines.engine(true))?];
-        let python_path = python_component.or_else(|| python_component_candidates().into_iter().find(|p| p.is_file()));
+    pub fn new(
+        engines: Arc<Engines>,
+        python_component: Option<PathBuf>,
+    ) -> anyhow::Result<Runtimes> {
+        let linkers = [
+            Linkers::new(engines.engine(false))?,
+            Linkers::new(engines.engine(true))?,
+        ];
+        let python_path = python_component.or_else(|| {
+            python_component_candidates()
+                .into_iter()
+                .find(|p| p.is_file())
+        });
         Ok(Runtimes {
             engines,
             linkers,
@@ -186,11 +217,18 @@ impl Runtimes {
             RuntimeKind::Wasm => Ok(()),
             RuntimeKind::Python => match &self.python_path {
                 Some(p) if p.is_file() => Ok(()),
-                Some(p) => Err(format!("the Python component `{}` does not exist", p.display())),
+                Some(p) => Err(format!(
+                    "the Python component `{}` does not exist",
+                    p.display()
+                )),
                 None => Err(format!(
                     "no Python runtime component was found (looked in: {}); build it with \
                      `guest-runtime/python/build.sh` or set {PYTHON_COMPONENT_ENV}",
-                    python_component_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    python_component_candidates()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
             },
         }
@@ -203,13 +241,18 @@ impl Runtimes {
         let mut source = CacheSource::Memory;
         let pre = cell
             .get_or_try_init(|| async {
-                self.availability(RuntimeKind::Python)
-                    .map_err(|reason| JobError::RuntimeUnavailable { runtime: RuntimeKind::Python, reason })?;
+                self.availability(RuntimeKind::Python).map_err(|reason| {
+                    JobError::RuntimeUnavailable {
+                        runtime: RuntimeKind::Python,
+                        reason,
+                    }
+                })?;
                 let path = self.python_path.clone().expect("checked by availability");
                 let engines = self.engines.clone();
                 let prepared = tokio::task::spawn_blocking(move || {
-                    let bytes = std::fs::read(&path)
-                        .with_context(|| format!("failed to read the Python component `{}`", path.display()))?;
+                    let bytes = std::fs::read(&path).with_context(|| {
+                        format!("failed to read the Python component `{}`", path.display())
+                    })?;
                     engines.component(&bytes, fuel, true)
                 })
                 .await
@@ -224,43 +267,66 @@ impl Runtimes {
                     .instantiate_pre(&prepared.artifact)
                     .map_err(|e| JobError::RuntimeUnavailable {
                         runtime: RuntimeKind::Python,
-                        reason: format!("the component does not link against this host's WASI: {e:#}"),
+                        reason: format!(
+                            "the component does not link against this host's WASI: {e:#}"
+                        ),
                     })
             })
             .await?;
-        Ok(PreparedEntry { entry: Entry::Python(pre.clone()), cache: source, duration: start.elapsed() })
+        Ok(PreparedEntry {
+            entry: Entry::Python(pre.clone()),
+            cache: source,
+            duration: start.elapsed(),
+        })
     }
 
     /// A caller's wasm program: core module, command component, or WAT text of either.
     pub async fn wasm(&self, program: &[u8], fuel: bool) -> Result<PreparedEntry, JobError> {
         let start = Instant::now();
-        let key = (sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(program)).into(), fuel);
-        if let Some(e) = self.wasm.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(PreparedEntry { entry: e.clone(), cache: CacheSource::Memory, duration: start.elapsed() });
-        }
         let bad = |reason: String| JobError::invalid("program", reason);
         let binary: std::borrow::Cow<'_, [u8]> = if program.starts_with(b"\0asm") {
             program.into()
         } else {
             wat::parse_bytes(program)
-                .map_err(|e| bad(format!("neither a wasm binary (no `\\0asm` header) nor valid WAT text: {e}")))?
+                .map_err(|e| {
+                    bad(format!(
+                        "neither a wasm binary (no `\\0asm` header) nor valid WAT text: {e}"
+                    ))
+                })?
                 .into_owned()
                 .into()
         };
+        // Keyed by the binary, so WAT text and its compiled bytes share one entry.
+        let key = (Sha256::digest(&binary).into(), fuel);
+        if let Some(e) = self
+            .wasm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(PreparedEntry {
+                entry: e.clone(),
+                cache: CacheSource::Memory,
+                duration: start.elapsed(),
+            });
+        }
         let is_component = binary.len() >= 8 && binary[6..8] == [1, 0];
         let engines = self.engines.clone();
         let owned = binary.into_owned();
         let linkers = &self.linkers[usize::from(fuel)];
         let entry = if is_component {
-            let prepared = tokio::task::spawn_blocking(move || engines.component(&owned, fuel, false))
-                .await
-                .map_err(|e| JobError::Internal(e.into()))?
-                .map_err(|e| bad(format!("the component does not compile: {e:#}")))?;
+            let prepared =
+                tokio::task::spawn_blocking(move || engines.component(&owned, fuel, false))
+                    .await
+                    .map_err(|e| JobError::Internal(e.into()))?
+                    .map_err(|e| bad(format!("the component does not compile: {e:#}")))?;
             let pre = linkers.component.instantiate_pre(&prepared.artifact).map_err(|e| {
                 bad(format!("the component needs imports this sandbox does not provide (only WASI 0.2): {e:#}"))
             })?;
             Entry::Command(CommandPre::new(pre).map_err(|e| {
-                bad(format!("the component is not a WASI command (it must export `wasi:cli/run`): {e:#}"))
+                bad(format!(
+                    "the component is not a WASI command (it must export `wasi:cli/run`): {e:#}"
+                ))
             })?)
         } else {
             let prepared = tokio::task::spawn_blocking(move || engines.module(&owned, fuel))
@@ -269,7 +335,9 @@ impl Runtimes {
                 .map_err(|e| bad(format!("the module does not compile: {e:#}")))?;
             let module: &Module = &prepared.artifact;
             if module.get_export("_start").is_none() {
-                return Err(bad("the module has no `_start` export: only WASI commands can run as steps".into()));
+                return Err(bad(
+                    "the module has no `_start` export: only WASI commands can run as steps".into(),
+                ));
             }
             Entry::Module(linkers.module.instantiate_pre(module).map_err(|e| {
                 bad(format!("the module needs imports this sandbox does not provide (only WASI preview 1): {e:#}"))
@@ -282,6 +350,10 @@ impl Runtimes {
             map.remove(&k);
         }
         map.insert(key, entry.clone());
-        Ok(PreparedEntry { entry, cache: CacheSource::Compiled, duration: start.elapsed() })
+        Ok(PreparedEntry {
+            entry,
+            cache: CacheSource::Compiled,
+            duration: start.elapsed(),
+        })
     }
 }

@@ -37,12 +37,22 @@ pub struct MemoryLimiter {
 
 impl MemoryLimiter {
     fn new(cap: u64) -> MemoryLimiter {
-        MemoryLimiter { cap, total: 0, peak: 0, refused: None }
+        MemoryLimiter {
+            cap,
+            total: 0,
+            peak: 0,
+            refused: None,
+        }
     }
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if maximum.is_some_and(|m| desired > m) {
             return Ok(false); // the module's own declared maximum, not ours: grow returns -1
         }
@@ -62,9 +72,16 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
-            let msg = format!("the step asked for a table of {desired} elements; the limit is {MAX_TABLE_ELEMENTS}");
+            let msg = format!(
+                "the step asked for a table of {desired} elements; the limit is {MAX_TABLE_ELEMENTS}"
+            );
             self.refused = Some(msg.clone());
             return Err(wasmtime::format_err!("{msg}"));
         }
@@ -90,7 +107,9 @@ pub struct StepState {
 
 impl std::fmt::Debug for StepState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepState").field("limiter", &self.limiter).finish_non_exhaustive()
+        f.debug_struct("StepState")
+            .field("limiter", &self.limiter)
+            .finish_non_exhaustive()
     }
 }
 
@@ -126,7 +145,9 @@ impl wasmtime_wasi::HostMonotonicClock for CountingClock {
         1_000
     }
     fn now(&self) -> u64 {
-        self.0.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed) + 1_000
+        self.0
+            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+            + 1_000
     }
 }
 
@@ -145,7 +166,9 @@ pub struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Run").field("fuel", &self.fuel).finish_non_exhaustive()
+        f.debug_struct("Run")
+            .field("fuel", &self.fuel)
+            .finish_non_exhaustive()
     }
 }
 
@@ -201,21 +224,37 @@ impl Run {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
         for m in &dir.mounts {
-            let perms = if m.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            let perms = if m.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
             b.preopened_dir(&m.host, m.guest, perms)?;
         }
         let policy = &job.policy.file;
         if policy.deterministic {
             b.secure_random(rand::rngs::StdRng::seed_from_u64(policy.seed))
-                .insecure_random(rand::rngs::StdRng::seed_from_u64(policy.seed.wrapping_add(1)))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(
+                    policy.seed.wrapping_add(1),
+                ))
                 .insecure_random_seed(u128::from(policy.seed))
                 .wall_clock(FixedWallClock)
                 .monotonic_clock(CountingClock::default());
         }
 
-        let mut writable: Vec<_> = dir.mounts.iter().filter(|m| m.writable).map(|m| m.host.clone()).collect();
+        let mut writable: Vec<_> = dir
+            .mounts
+            .iter()
+            .filter(|m| m.writable)
+            .map(|m| m.host.clone())
+            .collect();
         writable.dedup();
-        let watch = DiskWatch::new(writable, dir.preexisting.0, dir.preexisting.1, limits.clone());
+        let watch = DiskWatch::new(
+            writable,
+            dir.preexisting.0,
+            dir.preexisting.1,
+            limits.clone(),
+        );
         let state = StepState {
             wasi: b.build_p1(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
@@ -242,7 +281,13 @@ impl Run {
             // Yield so other jobs on this thread and cancellation (a dropped future) get a turn.
             Ok(UpdateDeadline::Yield(1))
         });
-        Ok(Run { store, stdout, stderr, fuel: limits.fuel, started: Instant::now() })
+        Ok(Run {
+            store,
+            stdout,
+            stderr,
+            fuel: limits.fuel,
+            started: Instant::now(),
+        })
     }
 
     /// Restarts the wall clock: call right before the guest starts running.
@@ -255,11 +300,14 @@ impl Run {
     /// (the guest was blocked in a host call past its wall time).
     pub fn finish(self, exit: Option<GuestExit>) -> Ending {
         let wall_time = self.started.elapsed();
-        let fuel_consumed = self.fuel.map(|f| f.saturating_sub(self.store.get_fuel().unwrap_or(0)));
+        let fuel_consumed = self
+            .fuel
+            .map(|f| f.saturating_sub(self.store.get_fuel().unwrap_or(0)));
         let state = self.store.into_data();
         let limits_msg = |kind: &str| format!("{kind} exceeded its limit");
 
-        let (stdout_truncated, stderr_truncated) = (self.stdout.overflowed(), self.stderr.overflowed());
+        let (stdout_truncated, stderr_truncated) =
+            (self.stdout.overflowed(), self.stderr.overflowed());
         let exit_code = match &exit {
             Some(Ok(code)) => Some(*code),
             Some(Err(e)) => e.downcast_ref::<I32Exit>().map(|e| e.0),
@@ -271,13 +319,36 @@ impl Run {
         };
         // Host-side signals first: they explain the trap or failure that followed them.
         let (status, message) = if matches!(state.stop, Some(Stop::WallTime)) || exit.is_none() {
-            (Status::TimedOut, format!("the step ran past its wall-time limit of {:?}", state.watch_limits().wall_time))
+            (
+                Status::TimedOut,
+                format!(
+                    "the step ran past its wall-time limit of {:?}",
+                    state.watch_limits().wall_time
+                ),
+            )
         } else if stdout_truncated {
-            (Status::OutputExceeded, format!("{} of {} bytes", limits_msg("stdout"), state.watch_limits().stdout_bytes))
+            (
+                Status::OutputExceeded,
+                format!(
+                    "{} of {} bytes",
+                    limits_msg("stdout"),
+                    state.watch_limits().stdout_bytes
+                ),
+            )
         } else if stderr_truncated {
-            (Status::OutputExceeded, format!("{} of {} bytes", limits_msg("stderr"), state.watch_limits().stderr_bytes))
+            (
+                Status::OutputExceeded,
+                format!(
+                    "{} of {} bytes",
+                    limits_msg("stderr"),
+                    state.watch_limits().stderr_bytes
+                ),
+            )
         } else if let Some(Stop::Disk(kind, msg)) = &state.stop {
-            (Status::OutputExceeded, format!("{msg} (limit `{kind}`); the step was stopped while writing"))
+            (
+                Status::OutputExceeded,
+                format!("{msg} (limit `{kind}`); the step was stopped while writing"),
+            )
         } else if let Some(msg) = &state.limiter.refused {
             (Status::MemoryExceeded, msg.clone())
         } else if let Some(code) = exit_code {
@@ -287,9 +358,18 @@ impl Run {
                 (Status::Failed, format!("the step exited with code {code}"))
             }
         } else if trap == Some(Trap::OutOfFuel) {
-            (Status::FuelExhausted, format!("the step used its whole fuel budget of {}", self.fuel.unwrap_or(0)))
+            (
+                Status::FuelExhausted,
+                format!(
+                    "the step used its whole fuel budget of {}",
+                    self.fuel.unwrap_or(0)
+                ),
+            )
         } else if trap == Some(Trap::Interrupt) {
-            (Status::TimedOut, "the step was interrupted (cancelled)".to_string())
+            (
+                Status::TimedOut,
+                "the step was interrupted (cancelled)".to_string(),
+            )
         } else if let Some(trap) = trap {
             (Status::Trapped, format!("the step trapped: {trap}"))
         } else {
@@ -299,7 +379,10 @@ impl Run {
             };
             // Not a wasm trap: a host function failed on the guest's behalf (or a guest that
             // panicked inside the runtime). Report it as a trap with the whole chain.
-            (Status::Trapped, format!("the step stopped with an error: {e:#}"))
+            (
+                Status::Trapped,
+                format!("the step stopped with an error: {e:#}"),
+            )
         };
         Ending {
             status,
@@ -329,5 +412,7 @@ pub async fn with_backstop<F>(wall_time: Duration, guest: F) -> Option<GuestExit
 where
     F: std::future::Future<Output = GuestExit>,
 {
-    tokio::time::timeout(wall_time + 2 * EPOCH_TICK, guest).await.ok()
+    tokio::time::timeout(wall_time + 2 * EPOCH_TICK, guest)
+        .await
+        .ok()
 }

@@ -1,0 +1,105 @@
+//! Shared helpers: one executor per test process, and job builders.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use stepbox::{Executor, ExecutorConfig, InputFile, RunResult, RuntimeKind, Status, StepJob};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The on-disk artifact cache shared by every test run.
+pub fn cache_dir() -> PathBuf {
+    root().join("target/test-cache")
+}
+
+/// The Python component, which must have been built.
+pub fn python_component() -> PathBuf {
+    let p = root().join("target/guest/python-runtime.wasm");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with guest-runtime/python/build.sh before running the tests",
+        p.display()
+    );
+    p
+}
+
+/// A fresh executor with its own work root (which the caller may inspect).
+pub fn new_executor(work_root: &Path) -> Executor {
+    Executor::new(ExecutorConfig {
+        work_root: work_root.to_path_buf(),
+        cache_dir: Some(cache_dir()),
+        python_component: Some(python_component()),
+        ..ExecutorConfig::default()
+    })
+    .expect("executor builds")
+}
+
+/// The executor most tests share (its work root is a directory of its own).
+pub fn executor() -> &'static Executor {
+    static EXEC: OnceLock<(tempfile::TempDir, Executor)> = OnceLock::new();
+    &EXEC
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let exec = new_executor(dir.path());
+            (dir, exec)
+        })
+        .1
+}
+
+/// A Python job.
+pub fn py(source: &str) -> StepJob {
+    StepJob::new(RuntimeKind::Python, source.to_string())
+}
+
+/// A wasm job from WAT or binary.
+pub fn wasm(program: impl Into<bytes::Bytes>) -> StepJob {
+    StepJob::new(RuntimeKind::Wasm, program)
+}
+
+/// An input file.
+pub fn input(path: &str, content: impl Into<bytes::Bytes>) -> InputFile {
+    InputFile {
+        path: path.to_string(),
+        content: content.into(),
+    }
+}
+
+/// Runs a job that must be accepted.
+pub async fn run(job: StepJob) -> RunResult {
+    executor().run(job).await.expect("job accepted")
+}
+
+/// Sets limits from `KEY=VALUE` pairs.
+pub fn with_limits(mut job: StepJob, pairs: &[&str]) -> StepJob {
+    for p in pairs {
+        job.limits.set_pair(p).unwrap();
+    }
+    job
+}
+
+/// stdout as text.
+pub fn out(r: &RunResult) -> String {
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn err(r: &RunResult) -> String {
+    String::from_utf8_lossy(&r.stderr).into_owned()
+}
+
+/// Asserts the status, showing the whole result when it differs.
+#[track_caller]
+pub fn assert_status(r: &RunResult, status: Status) {
+    assert_eq!(
+        r.status,
+        status,
+        "message: {}\nstdout: {}\nstderr: {}\nusage: {:?}",
+        r.message,
+        out(r),
+        err(r),
+        r.usage
+    );
+}

@@ -1,0 +1,13 @@
+//! Integration tests: real guests (the CPython component, WAT modules and components) run through
+//! the library and the `stepbox` binary. One test binary, one module per area.
+//!
+//! The Python component must be built first (`guest-runtime/python/build.sh`); compiled artifacts
+//! are cached in `target/test-cache` so only the first run of the suite pays for compilation.
+
+mod cli;
+mod common;
+mod data_steps;
+mod escape;
+mod limits;
+mod python;
+mod wasm;

@@ -1,0 +1,47 @@
+//! End-to-end step runs through the library with a warm cache: what a caller waits for per job
+//! (validation, job directory, instantiation, run, output collection, cleanup).
+//!
+//! `cargo bench --bench steps`. Needs the Python component (`guest-runtime/python/build.sh`).
+//! Compare with native python3 in one run with `benches/compare_native.py`.
+
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stepbox::{Executor, ExecutorConfig, RuntimeKind, Status, StepJob};
+
+fn executor() -> Executor {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Executor::new(ExecutorConfig {
+        cache_dir: Some(root.join("target/bench-cache")),
+        python_component: Some(root.join("target/guest/python-runtime.wasm")),
+        ..ExecutorConfig::default()
+    })
+    .expect("executor builds (is the Python component built?)")
+}
+
+fn step(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/steps").join(name)).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let exec = executor();
+    let run = |runtime: RuntimeKind, program: &[u8]| {
+        let r = rt.block_on(exec.run(StepJob::new(runtime, program.to_vec()))).expect("accepted");
+        assert_eq!(r.status, Status::Succeeded, "{}", String::from_utf8_lossy(&r.stderr));
+    };
+    let (hello, heavy, tiny) = (step("hello.py"), step("cpu_heavy.py"), step("tiny.wat"));
+    // Warm the caches: the first run compiles or loads the artifacts.
+    run(RuntimeKind::Python, &hello);
+    run(RuntimeKind::Wasm, &tiny);
+
+    let mut g = c.benchmark_group("step");
+    g.bench_function("python_hello", |b| b.iter(|| run(RuntimeKind::Python, &hello)));
+    g.bench_function("wasm_tiny", |b| b.iter(|| run(RuntimeKind::Wasm, &tiny)));
+    g.sample_size(10);
+    g.bench_function("python_cpu_heavy", |b| b.iter(|| run(RuntimeKind::Python, &heavy)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -20,15 +20,31 @@ fn executor() -> Executor {
 }
 
 fn step(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/steps").join(name)).unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../benches/steps")
+            .join(name),
+    )
+    .unwrap()
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let exec = executor();
     let run = |runtime: RuntimeKind, program: &[u8]| {
-        let r = rt.block_on(exec.run(StepJob::new(runtime, program.to_vec()))).expect("accepted");
-        assert_eq!(r.status, Status::Succeeded, "{}", String::from_utf8_lossy(&r.stderr));
+        let r = rt
+            .block_on(exec.run(StepJob::new(runtime, program.to_vec())))
+            .expect("accepted");
+        assert_eq!(
+            r.status,
+            Status::Succeeded,
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
     };
     let (hello, heavy, tiny) = (step("hello.py"), step("cpu_heavy.py"), step("tiny.wat"));
     // Warm the caches: the first run compiles or loads the artifacts.
@@ -36,10 +52,14 @@ fn bench(c: &mut Criterion) {
     run(RuntimeKind::Wasm, &tiny);
 
     let mut g = c.benchmark_group("step");
-    g.bench_function("python_hello", |b| b.iter(|| run(RuntimeKind::Python, &hello)));
+    g.bench_function("python_hello", |b| {
+        b.iter(|| run(RuntimeKind::Python, &hello))
+    });
     g.bench_function("wasm_tiny", |b| b.iter(|| run(RuntimeKind::Wasm, &tiny)));
     g.sample_size(10);
-    g.bench_function("python_cpu_heavy", |b| b.iter(|| run(RuntimeKind::Python, &heavy)));
+    g.bench_function("python_cpu_heavy", |b| {
+        b.iter(|| run(RuntimeKind::Python, &heavy))
+    });
     g.finish();
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::limits::LimitOverrides;
+use crate::limits::{ByteSize, LimitOverrides, Millis};
 use crate::outcome::{RunResult, Status};
 use crate::outputs::OutputKind;
 use crate::policy::PolicySet;
@@ -60,6 +60,8 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run one step and pass its output through.
     Run(RunArgs),
+    /// Serve the gRPC API (`stepbox.v1.StepExecutor`, health, reflection).
+    Serve(ServeArgs),
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -107,6 +109,54 @@ pub struct RunArgs {
     /// Arguments for the step (after `--`).
     #[arg(last = true)]
     pub args: Vec<String>,
+}
+
+/// `stepbox serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:50051; port 0 picks a free one).
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// A TOML file with any of: addr, concurrency, queue, max_message_size, grace_period,
+    /// work_root, cache_dir, policies_dir, python_component. Flags override it.
+    #[arg(long, env = "STEPBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Jobs that run at once (default: the number of cores).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Jobs that may wait for a slot; past it, RESOURCE_EXHAUSTED (default: 4 x cores).
+    #[arg(long)]
+    pub queue: Option<usize>,
+    /// Largest request accepted (default 64MiB).
+    #[arg(long)]
+    pub max_message_size: Option<ByteSize>,
+    /// How long in-flight jobs may finish after SIGTERM/SIGINT before they are cancelled (default 10s).
+    #[arg(long)]
+    pub grace_period: Option<Millis>,
+}
+
+/// The `stepbox serve` configuration file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Listen address.
+    pub addr: Option<std::net::SocketAddr>,
+    /// Concurrent jobs.
+    pub concurrency: Option<usize>,
+    /// Queued jobs.
+    pub queue: Option<usize>,
+    /// Largest request.
+    pub max_message_size: Option<ByteSize>,
+    /// Shutdown grace period.
+    pub grace_period: Option<Millis>,
+    /// Work root.
+    pub work_root: Option<PathBuf>,
+    /// Artifact cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Policies directory.
+    pub policies_dir: Option<PathBuf>,
+    /// Python component.
+    pub python_component: Option<PathBuf>,
 }
 
 /// `stepbox policy ...`.
@@ -159,6 +209,7 @@ impl Cli {
         let verbose = self.global.verbose;
         let result = match self.command {
             Command::Run(args) => args.execute(&self.global).await,
+            Command::Serve(args) => args.execute(self.global).await.map(|()| 0),
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
         };
         match result {
@@ -366,4 +417,66 @@ pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+impl ServeArgs {
+    async fn execute(self, mut global: GlobalArgs) -> anyhow::Result<()> {
+        let file: ServeConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read config `{}`", path.display()))?;
+                toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("config `{}`: {}", path.display(), e.to_string().trim_end())
+                })?
+            }
+            None => ServeConfig::default(),
+        };
+        global.work_root = global.work_root.or(file.work_root);
+        global.cache_dir = global.cache_dir.or(file.cache_dir);
+        global.policies_dir = global.policies_dir.or(file.policies_dir);
+        global.python_component = global.python_component.or(file.python_component);
+        let mut options = crate::server::ServerOptions::default();
+        if let Some(n) = self.concurrency.or(file.concurrency) {
+            options.concurrency = n;
+        }
+        if let Some(n) = self.queue.or(file.queue) {
+            options.queue = n;
+        }
+        if let Some(s) = self.max_message_size.or(file.max_message_size) {
+            options.max_message_bytes = usize::try_from(s.0).unwrap_or(usize::MAX);
+        }
+        if let Some(g) = self.grace_period.or(file.grace_period) {
+            options.grace = g.0;
+        }
+        let addr = self
+            .addr
+            .or(file.addr)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 50051).into());
+
+        let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
+        if let Err(e) = executor.warm_up().await {
+            tracing::warn!(error = %e, "the python runtime is not ready; python jobs will be refused");
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {local}")?;
+            out.flush()?;
+        }
+        tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, "serving");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        crate::server::serve(executor, listener, options, shutdown).await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
 }

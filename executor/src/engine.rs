@@ -62,6 +62,8 @@ pub struct Prepared<T> {
     pub source: CacheSource,
     /// Time spent compiling or loading it for this run.
     pub duration: Duration,
+    /// Hex sha256 of the input it was compiled from.
+    pub sha256: String,
 }
 
 #[derive(Clone)]
@@ -172,11 +174,13 @@ impl Engines {
     pub fn module(&self, wasm: &[u8], fuel: bool) -> anyhow::Result<Prepared<Module>> {
         let start = Instant::now();
         let key = (sha256(wasm), fuel);
+        let hex = hex::encode(key.0);
         if let Some(Artifact::Module(m)) = self.memory_get(&key) {
             return Ok(Prepared {
                 artifact: m,
                 source: CacheSource::Memory,
                 duration: start.elapsed(),
+                sha256: hex,
             });
         }
         let m = Module::new(self.engine(fuel), wasm)?;
@@ -185,6 +189,7 @@ impl Engines {
             artifact: m,
             source: CacheSource::Compiled,
             duration: start.elapsed(),
+            sha256: hex,
         })
     }
 
@@ -199,11 +204,13 @@ impl Engines {
         let start = Instant::now();
         let digest = sha256(wasm);
         let key = (digest, fuel);
+        let hex = hex::encode(digest);
         if let Some(Artifact::Component(c)) = self.memory_get(&key) {
             return Ok(Prepared {
                 artifact: c,
                 source: CacheSource::Memory,
                 duration: start.elapsed(),
+                sha256: hex,
             });
         }
         let engine = self.engine(fuel);
@@ -221,6 +228,7 @@ impl Engines {
                 artifact: c,
                 source: CacheSource::Disk,
                 duration: start.elapsed(),
+                sha256: hex,
             });
         }
         let bytes = engine.precompile_component(wasm)?;
@@ -236,6 +244,7 @@ impl Engines {
             artifact: c,
             source: CacheSource::Compiled,
             duration: start.elapsed(),
+            sha256: hex,
         })
     }
 }

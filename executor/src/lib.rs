@@ -25,10 +25,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checks;
 pub mod cli;
 pub mod engine;
 pub mod jobdir;
 pub mod limits;
+pub mod manifest;
 pub mod outcome;
 pub mod outputs;
 pub mod pipe;
@@ -36,6 +38,7 @@ pub mod policy;
 pub mod request;
 pub mod runtime;
 pub mod sandbox;
+pub mod server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,8 +52,10 @@ pub use crate::pipe::{OutputChunk, StreamKind};
 pub use crate::policy::{Policy, PolicySet};
 pub use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
 
-use crate::engine::Engines;
+use crate::checks::{Check, CheckResult};
+use crate::engine::{Engines, sha256_hex};
 use crate::jobdir::JobDir;
+use crate::manifest::{FileDigest, Manifest};
 use crate::runtime::{PythonCall, Runtimes};
 use crate::sandbox::{Run, with_backstop};
 
@@ -221,6 +226,7 @@ impl Executor {
             ending.status = Status::OutputExceeded;
             ending.message = format!("{msg} (limit `{kind}`)");
         }
+        let manifest = build_manifest(&job, &prepared.runtime_sha256, &ending, &outputs, &limits);
         if let Err(e) = dir.remove() {
             tracing::error!(error = %format!("{e:#}"), "job directory left behind");
         }
@@ -248,6 +254,179 @@ impl Executor {
             limits,
             policy: job.policy.name.clone(),
             runtime: job.job.runtime.name().to_string(),
+            manifest,
         })
     }
+
+    /// Runs one job and evaluates `checks` on its result. Malformed checks are refused before the
+    /// step runs. A `SUCCEEDED` run with a failed check becomes `CHECKS_FAILED`; other statuses
+    /// stay (the checks are still evaluated, for their details, but verifier steps are not run).
+    pub async fn run_checked(
+        &self,
+        job: StepJob,
+        checks: &[Check],
+        options: RunOptions,
+    ) -> Result<(RunResult, Vec<CheckResult>), JobError> {
+        let prepared = checks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.prepare(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, p) in prepared.iter().enumerate() {
+            if let Some(v) = p.verifier() {
+                let mut v = v.clone();
+                if v.policy.is_empty() {
+                    v.policy = job.policy.clone();
+                }
+                v.validate(&self.policies)
+                    .map_err(|e| prefix_field(e, &format!("checks[{i}].verifier.")))?;
+            }
+        }
+        let (inputs, policy) = (job.inputs.clone(), job.policy.clone());
+        let mut result = self.run_with(job, options).await?;
+        let mut verdicts = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            let verdict = match p.verifier() {
+                None => p.evaluate(&result),
+                Some(v) => {
+                    self.run_verifier(&p.name, v, &result, &inputs, &policy)
+                        .await
+                }
+            };
+            verdicts.push(verdict);
+        }
+        let failed: Vec<&str> = verdicts
+            .iter()
+            .filter(|v| !v.passed)
+            .map(|v| v.name.as_str())
+            .collect();
+        if result.status == Status::Succeeded && !failed.is_empty() {
+            result.status = Status::ChecksFailed;
+            result.message = format!(
+                "{} of {} checks failed: {}",
+                failed.len(),
+                verdicts.len(),
+                failed.join(", ")
+            );
+        }
+        Ok((result, verdicts))
+    }
+
+    /// Runs a verifier step over `result`: outputs under `outputs/`, the original inputs under
+    /// `inputs/`, stdout as `stdout`. It passes when it succeeds.
+    async fn run_verifier(
+        &self,
+        name: &str,
+        verifier: &StepJob,
+        result: &RunResult,
+        inputs: &[InputFile],
+        policy: &str,
+    ) -> CheckResult {
+        let verdict = |passed, detail| CheckResult {
+            name: name.to_string(),
+            passed,
+            detail,
+        };
+        if result.status != Status::Succeeded {
+            return verdict(
+                false,
+                format!("not run: the step ended with {}", result.status),
+            );
+        }
+        let mut job = verifier.clone();
+        if job.policy.is_empty() {
+            job.policy = policy.to_string();
+        }
+        job.inputs = result
+            .outputs
+            .iter()
+            .filter(|o| o.kind == outputs::OutputKind::File)
+            .map(|o| InputFile {
+                path: format!("outputs/{}", o.path),
+                content: o.content.clone(),
+            })
+            .chain(inputs.iter().map(|i| InputFile {
+                path: format!("inputs/{}", i.path),
+                content: i.content.clone(),
+            }))
+            .chain(std::iter::once(InputFile {
+                path: "stdout".into(),
+                content: result.stdout.clone(),
+            }))
+            .collect();
+        match Box::pin(self.run(job)).await {
+            Ok(r) if r.status == Status::Succeeded => verdict(true, String::new()),
+            Ok(r) => {
+                let tail = String::from_utf8_lossy(&r.stderr[r.stderr.len().saturating_sub(500)..])
+                    .into_owned();
+                let msg = if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.message)
+                };
+                verdict(
+                    false,
+                    format!(
+                        "the verifier ended with {}{msg}: {}",
+                        r.status,
+                        tail.trim_end()
+                    ),
+                )
+            }
+            Err(e) => verdict(false, format!("the verifier could not run: {e}")),
+        }
+    }
+}
+
+fn prefix_field(e: JobError, prefix: &str) -> JobError {
+    match e {
+        JobError::Invalid { field, reason } => JobError::Invalid {
+            field: format!("{prefix}{field}"),
+            reason,
+        },
+        JobError::Limit(l) => JobError::invalid(format!("{prefix}limits"), l.to_string()),
+        other => other,
+    }
+}
+
+fn build_manifest(
+    job: &request::ValidJob,
+    runtime_sha256: &str,
+    ending: &sandbox::Ending,
+    outputs: &[outputs::OutputFile],
+    limits: &Limits,
+) -> Manifest {
+    let mut inputs: Vec<FileDigest> = job
+        .job
+        .inputs
+        .iter()
+        .map(|i| FileDigest {
+            path: i.path.clone(),
+            sha256: sha256_hex(&i.content),
+        })
+        .collect();
+    inputs.sort_by(|a, b| a.path.cmp(&b.path));
+    Manifest {
+        version: manifest::MANIFEST_VERSION,
+        program_sha256: sha256_hex(&job.job.program),
+        runtime: job.job.runtime.name().to_string(),
+        runtime_sha256: runtime_sha256.to_string(),
+        engine: manifest::engine_name(),
+        policy: job.policy.name.clone(),
+        policy_sha256: sha256_hex(&serde_json::to_vec(&job.policy.file).unwrap_or_default()),
+        deterministic: job.policy.file.deterministic,
+        limits: limits.clone(),
+        layout: job.job.layout.name().to_string(),
+        inputs,
+        stdin_sha256: sha256_hex(&job.job.stdin),
+        args: job.job.args.clone(),
+        env: job.env.clone(),
+        status: ending.status,
+        exit_code: ending.exit_code,
+        stdout_sha256: sha256_hex(&ending.stdout),
+        stderr_sha256: sha256_hex(&ending.stderr),
+        outputs: manifest::output_digests(outputs),
+        digest: String::new(),
+    }
+    .seal()
 }

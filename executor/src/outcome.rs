@@ -131,6 +131,8 @@ pub struct RunResult {
     pub policy: String,
     /// The runtime that ran it.
     pub runtime: String,
+    /// A verifiable record of the run.
+    pub manifest: crate::manifest::Manifest,
 }
 
 fn lossy<S: Serializer>(b: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {

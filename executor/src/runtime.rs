@@ -83,6 +83,8 @@ pub struct PreparedEntry {
     pub cache: CacheSource,
     /// Time spent compiling or loading for this run.
     pub duration: Duration,
+    /// sha256 of the runtime component (Python), empty for caller programs.
+    pub runtime_sha256: String,
 }
 
 /// What the Python runner needs at call time.
@@ -167,7 +169,7 @@ pub struct Runtimes {
     engines: Arc<Engines>,
     linkers: [Linkers; 2],
     python_path: Option<PathBuf>,
-    python: [tokio::sync::OnceCell<ComponentPre<StepState>>; 2],
+    python: [tokio::sync::OnceCell<(ComponentPre<StepState>, String)>; 2],
     wasm: Mutex<HashMap<([u8; 32], bool), Entry>>,
 }
 
@@ -262,7 +264,7 @@ impl Runtimes {
                     reason: format!("the component failed to compile: {e:#}"),
                 })?;
                 source = prepared.source;
-                self.linkers[usize::from(fuel)]
+                let pre = self.linkers[usize::from(fuel)]
                     .component
                     .instantiate_pre(&prepared.artifact)
                     .map_err(|e| JobError::RuntimeUnavailable {
@@ -270,13 +272,15 @@ impl Runtimes {
                         reason: format!(
                             "the component does not link against this host's WASI: {e:#}"
                         ),
-                    })
+                    })?;
+                Ok::<_, JobError>((pre, prepared.sha256))
             })
             .await?;
         Ok(PreparedEntry {
-            entry: Entry::Python(pre.clone()),
+            entry: Entry::Python(pre.0.clone()),
             cache: source,
             duration: start.elapsed(),
+            runtime_sha256: pre.1.clone(),
         })
     }
 
@@ -308,6 +312,7 @@ impl Runtimes {
                 entry: e.clone(),
                 cache: CacheSource::Memory,
                 duration: start.elapsed(),
+                runtime_sha256: String::new(),
             });
         }
         let is_component = binary.len() >= 8 && binary[6..8] == [1, 0];
@@ -354,6 +359,7 @@ impl Runtimes {
             entry,
             cache: CacheSource::Compiled,
             duration: start.elapsed(),
+            runtime_sha256: String::new(),
         })
     }
 }

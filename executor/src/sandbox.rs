@@ -278,8 +278,13 @@ impl Run {
                 state.stop = Some(Stop::Disk(kind, msg));
                 return Ok(UpdateDeadline::Interrupt);
             }
-            // Yield so other jobs on this thread and cancellation (a dropped future) get a turn.
-            Ok(UpdateDeadline::Yield(1))
+            // Yield through tokio's `yield_now`, which defers the wake-up until the runtime has
+            // polled its timers and I/O: other jobs, deadlines and cancellation (a dropped future)
+            // get their turn once per tick even while this guest computes.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         });
         Ok(Run {
             store,

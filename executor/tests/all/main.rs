@@ -8,6 +8,8 @@ mod cli;
 mod common;
 mod data_steps;
 mod escape;
+mod grpc;
 mod limits;
+mod manifest;
 mod python;
 mod wasm;

@@ -6,3 +6,4 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --workspace
+scripts/grpc-client-test.sh

@@ -1,0 +1,165 @@
+//! Load test: N concurrent gRPC clients over loopback run python hello-world steps for a while and
+//! report throughput, latency percentiles, errors by code, and the server's memory.
+//!
+//! ```text
+//! cargo bench --bench load -- [--concurrency 1,8,32] [--seconds 10] [--queue 64] [--addr HOST:PORT]
+//! ```
+//! Without `--addr` the server runs in this process (its RSS is reported at the start and end of
+//! each level); with `--addr` it drives a running `stepbox serve`. Concurrency above the server's
+//! slots plus queue shows overload handling: the only acceptable error is RESOURCE_EXHAUSTED.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stepbox::server::pb::step_executor_client::StepExecutorClient;
+use stepbox::server::pb::{self, RunStepRequest, Step};
+use stepbox::server::{ServerOptions, serve};
+use stepbox::{Executor, ExecutorConfig};
+
+struct Args {
+    levels: Vec<usize>,
+    seconds: u64,
+    queue: usize,
+    addr: Option<SocketAddr>,
+}
+
+fn args() -> Args {
+    let mut a = Args { levels: vec![1, 8], seconds: 10, queue: 64, addr: None };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let value = || argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--concurrency" => a.levels = value().split(',').map(|s| s.parse().expect("--concurrency N[,N...]")).collect(),
+            "--seconds" => a.seconds = value().parse().expect("--seconds N"),
+            "--queue" => a.queue = value().parse().expect("--queue N"),
+            "--addr" => a.addr = Some(value().parse().expect("--addr HOST:PORT")),
+            _ => {
+                i += 1; // `--bench` and anything else cargo passes
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn hello() -> RunStepRequest {
+    RunStepRequest {
+        step: Some(Step { runtime: "python".into(), source: "print('hello, world')".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    latencies: Vec<Duration>,
+    errors: BTreeMap<String, u64>,
+    wrong: u64,
+}
+
+async fn drive(addr: SocketAddr, concurrency: usize, duration: Duration) -> (Stats, Duration) {
+    let end = Instant::now() + duration;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut client = StepExecutorClient::connect(format!("http://{addr}")).await.expect("connect");
+            let mut s = Stats::default();
+            while Instant::now() < end {
+                let t = Instant::now();
+                match client.run_step(hello()).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if r.status() != pb::Status::Succeeded || r.stdout != b"hello, world\n" {
+                            s.wrong += 1;
+                        }
+                        s.latencies.push(t.elapsed());
+                    }
+                    Err(e) => {
+                        *s.errors.entry(format!("{:?}", e.code())).or_default() += 1;
+                        if e.code() == tonic::Code::ResourceExhausted {
+                            tokio::time::sleep(Duration::from_millis(5)).await; // a polite client backs off
+                        }
+                    }
+                }
+            }
+            s
+        }));
+    }
+    let mut all = Stats::default();
+    for t in tasks {
+        let s = t.await.expect("client task");
+        all.latencies.extend(s.latencies);
+        all.wrong += s.wrong;
+        for (k, v) in s.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    (all, start.elapsed())
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let addr = match a.addr {
+            Some(addr) => addr,
+            None => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                let exec = Executor::new(ExecutorConfig {
+                    cache_dir: Some(root.join("target/bench-cache")),
+                    python_component: Some(root.join("target/guest/python-runtime.wasm")),
+                    ..ExecutorConfig::default()
+                })
+                .expect("executor");
+                exec.warm_up().await.expect("python runtime (build it with guest-runtime/python/build.sh)");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let options = ServerOptions { queue: a.queue, ..ServerOptions::default() };
+                println!("in-process server on {addr}: concurrency {} queue {}", options.concurrency, options.queue);
+                tokio::spawn(serve(Arc::new(exec), listener, options, std::future::pending()));
+                addr
+            }
+        };
+        // Warm the connection path and the runtime's caches.
+        drive(addr, 1, Duration::from_millis(500)).await;
+        println!("{:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors", "conc", "requests", "steps/s", "p50 ms", "p99 ms", "max ms", "rss start", "rss end");
+        for &c in &a.levels {
+            let rss0 = rss_kib();
+            let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds)).await;
+            let rss1 = rss_kib();
+            s.latencies.sort();
+            let n = s.latencies.len();
+            println!(
+                "{c:>5} {n:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9} KiB {:>9} KiB  {:?}{}",
+                n as f64 / took.as_secs_f64(),
+                pct(&s.latencies, 0.5),
+                pct(&s.latencies, 0.99),
+                pct(&s.latencies, 1.0),
+                rss0,
+                rss1,
+                s.errors,
+                if s.wrong > 0 { format!(" WRONG RESULTS: {}", s.wrong) } else { String::new() }
+            );
+        }
+    });
+}

@@ -27,13 +27,23 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { levels: vec![1, 8], seconds: 10, queue: 64, addr: None };
+    let mut a = Args {
+        levels: vec![1, 8],
+        seconds: 10,
+        queue: 64,
+        addr: None,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
         let value = || argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
-            "--concurrency" => a.levels = value().split(',').map(|s| s.parse().expect("--concurrency N[,N...]")).collect(),
+            "--concurrency" => {
+                a.levels = value()
+                    .split(',')
+                    .map(|s| s.parse().expect("--concurrency N[,N...]"))
+                    .collect()
+            }
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--queue" => a.queue = value().parse().expect("--queue N"),
             "--addr" => a.addr = Some(value().parse().expect("--addr HOST:PORT")),
@@ -50,13 +60,21 @@ fn args() -> Args {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 fn hello() -> RunStepRequest {
     RunStepRequest {
-        step: Some(Step { runtime: "python".into(), source: "print('hello, world')".into(), ..Default::default() }),
+        step: Some(Step {
+            runtime: "python".into(),
+            source: "print('hello, world')".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -74,7 +92,9 @@ async fn drive(addr: SocketAddr, concurrency: usize, duration: Duration) -> (Sta
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         tasks.push(tokio::spawn(async move {
-            let mut client = StepExecutorClient::connect(format!("http://{addr}")).await.expect("connect");
+            let mut client = StepExecutorClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
             let mut s = Stats::default();
             while Instant::now() < end {
                 let t = Instant::now();
@@ -119,7 +139,10 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 fn main() {
     let a = args();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let addr = match a.addr {
             Some(addr) => addr,
@@ -131,18 +154,34 @@ fn main() {
                     ..ExecutorConfig::default()
                 })
                 .expect("executor");
-                exec.warm_up().await.expect("python runtime (build it with guest-runtime/python/build.sh)");
+                exec.warm_up()
+                    .await
+                    .expect("python runtime (build it with guest-runtime/python/build.sh)");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                let options = ServerOptions { queue: a.queue, ..ServerOptions::default() };
-                println!("in-process server on {addr}: concurrency {} queue {}", options.concurrency, options.queue);
-                tokio::spawn(serve(Arc::new(exec), listener, options, std::future::pending()));
+                let options = ServerOptions {
+                    queue: a.queue,
+                    ..ServerOptions::default()
+                };
+                println!(
+                    "in-process server on {addr}: concurrency {} queue {}",
+                    options.concurrency, options.queue
+                );
+                tokio::spawn(serve(
+                    Arc::new(exec),
+                    listener,
+                    options,
+                    std::future::pending(),
+                ));
                 addr
             }
         };
         // Warm the connection path and the runtime's caches.
         drive(addr, 1, Duration::from_millis(500)).await;
-        println!("{:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors", "conc", "requests", "steps/s", "p50 ms", "p99 ms", "max ms", "rss start", "rss end");
+        println!(
+            "{:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors",
+            "conc", "requests", "steps/s", "p50 ms", "p99 ms", "max ms", "rss start", "rss end"
+        );
         for &c in &a.levels {
             let rss0 = rss_kib();
             let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds)).await;
@@ -158,7 +197,11 @@ fn main() {
                 rss0,
                 rss1,
                 s.errors,
-                if s.wrong > 0 { format!(" WRONG RESULTS: {}", s.wrong) } else { String::new() }
+                if s.wrong > 0 {
+                    format!(" WRONG RESULTS: {}", s.wrong)
+                } else {
+                    String::new()
+                }
             );
         }
     });

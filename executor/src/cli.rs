@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::checks::{Check, CheckKind};
 use crate::limits::{ByteSize, LimitOverrides, Millis};
 use crate::outcome::{RunResult, Status};
 use crate::outputs::OutputKind;
@@ -62,6 +63,8 @@ pub enum Command {
     Run(RunArgs),
     /// Serve the gRPC API (`stepbox.v1.StepExecutor`, health, reflection).
     Serve(ServeArgs),
+    /// Generate a verified step from plain-language requirements with an OpenAI-compatible model.
+    Generate(GenerateArgs),
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -104,11 +107,182 @@ pub struct RunArgs {
     /// Don't print the status line on stderr when the step does not succeed.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Checks on the result; a failed check makes the status CHECKS_FAILED.
+    #[command(flatten)]
+    pub checks: CheckArgs,
     /// The step: Python source, a wasm module or component, or WAT text.
     pub file: PathBuf,
     /// Arguments for the step (after `--`).
     #[arg(last = true)]
     pub args: Vec<String>,
+}
+
+/// Checks on a run's result, as flags.
+#[derive(Debug, Args, Default)]
+pub struct CheckArgs {
+    /// A check, `KIND=ARG`: exit_code=N, stdout_equals=TEXT|@FILE, stdout_matches=REGEX,
+    /// file_exists=NAME, file_matches=NAME:REGEX, file_sha256=NAME:HEX,
+    /// file_json_schema=NAME:@SCHEMA_FILE.
+    #[arg(long = "check", value_name = "KIND=ARG")]
+    pub checks: Vec<String>,
+    /// An expected output file, `NAME=PATH`: compared as JSON for .json, as CSV for .csv, byte for
+    /// byte otherwise.
+    #[arg(long = "expect-file", value_name = "NAME=PATH")]
+    pub expect_files: Vec<String>,
+    /// A file holding the exact expected stdout.
+    #[arg(long, value_name = "PATH")]
+    pub expect_stdout: Option<PathBuf>,
+}
+
+fn text_or_file(arg: &str) -> anyhow::Result<Vec<u8>> {
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("failed to read `{path}`")),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+impl CheckArgs {
+    /// The checks these flags describe.
+    pub fn checks(&self) -> anyhow::Result<Vec<Check>> {
+        let mut out = Vec::new();
+        for spec in &self.checks {
+            let (kind, arg) = spec.split_once('=').with_context(|| {
+                format!("--check `{spec}` is not KIND=ARG (for example exit_code=0)")
+            })?;
+            let path_and = |what: &str| {
+                arg.split_once(':')
+                    .map(|(p, r)| (p.to_string(), r.to_string()))
+                    .with_context(|| format!("--check {kind}: expected NAME:{what}, got `{arg}`"))
+            };
+            let kind = match kind {
+                "exit_code" => CheckKind::ExitCode(
+                    arg.parse()
+                        .with_context(|| format!("--check exit_code: `{arg}` is not an integer"))?,
+                ),
+                "stdout_equals" => CheckKind::StdoutEquals(text_or_file(arg)?.into()),
+                "stdout_matches" => CheckKind::StdoutMatches(arg.to_string()),
+                "file_exists" => CheckKind::FileExists(arg.to_string()),
+                "file_matches" => {
+                    let (path, regex) = path_and("REGEX")?;
+                    CheckKind::FileMatches { path, regex }
+                }
+                "file_sha256" => {
+                    let (path, sha256) = path_and("HEX")?;
+                    CheckKind::FileSha256 { path, sha256 }
+                }
+                "file_json_schema" => {
+                    let (path, schema) = path_and("@SCHEMA_FILE")?;
+                    let schema = String::from_utf8(text_or_file(&schema)?)
+                        .context("the schema is not UTF-8")?;
+                    CheckKind::FileJsonSchema { path, schema }
+                }
+                other => bail!(
+                    "unknown check kind `{other}`: expected exit_code, stdout_equals, stdout_matches, file_exists, \
+                     file_matches, file_sha256 or file_json_schema"
+                ),
+            };
+            out.push(Check {
+                name: String::new(),
+                kind,
+            });
+        }
+        for spec in &self.expect_files {
+            let (name, path) = spec
+                .split_once('=')
+                .with_context(|| format!("--expect-file `{spec}` is not NAME=PATH"))?;
+            let content: bytes::Bytes = std::fs::read(path)
+                .with_context(|| format!("failed to read expected file `{path}`"))?
+                .into();
+            let path_s = name.to_string();
+            let kind = match Path::new(name).extension().and_then(|e| e.to_str()) {
+                Some("json") => CheckKind::FileJsonEquals {
+                    path: path_s,
+                    content,
+                },
+                Some("csv") => CheckKind::FileCsvEquals {
+                    path: path_s,
+                    content,
+                    ignore_row_order: false,
+                },
+                _ => CheckKind::FileEquals {
+                    path: path_s,
+                    content,
+                },
+            };
+            out.push(Check {
+                name: String::new(),
+                kind,
+            });
+        }
+        if let Some(p) = &self.expect_stdout {
+            let content =
+                std::fs::read(p).with_context(|| format!("failed to read `{}`", p.display()))?;
+            out.push(Check {
+                name: String::new(),
+                kind: CheckKind::StdoutEquals(content.into()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `stepbox generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// What the step must do: text, or @FILE.
+    #[arg(long)]
+    pub requirements: String,
+    /// A sample input file, placed in the data directory under its file name.
+    #[arg(long = "input", value_name = "PATH")]
+    pub inputs: Vec<PathBuf>,
+    /// A directory of sample inputs (relative paths kept).
+    #[arg(long, value_name = "DIR")]
+    pub input_dir: Option<PathBuf>,
+    /// Checks every attempt must pass.
+    #[command(flatten)]
+    pub checks: CheckArgs,
+    /// Most model calls.
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// Deadline for the whole loop.
+    #[arg(long, default_value = "5m")]
+    pub deadline: Millis,
+    /// Policy the attempts run under.
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// Limits for the attempts (see `stepbox run --limit`).
+    #[arg(long = "limit", value_name = "KEY=VALUE")]
+    pub limits: Vec<String>,
+    /// File layout the program runs in.
+    #[arg(long, default_value = "input-output")]
+    pub layout: Layout,
+    /// Write the program here instead of printing it on stdout.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Write the exchange with the model (OpenAI chat messages as JSON) here.
+    #[arg(long, value_name = "FILE")]
+    pub transcript: Option<PathBuf>,
+    /// Print the whole outcome as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Base URL of the OpenAI-compatible API (default: $OPENAI_BASE_URL or OpenAI's).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub base_url: Option<String>,
+    /// Model name (default: $STEPBOX_MODEL, $OPENAI_MODEL or gpt-4o-mini).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Environment variable holding the API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Sampling temperature.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Timeout of one model request.
+    #[arg(long)]
+    pub request_timeout: Option<Millis>,
+    /// Retries of a failed model request (timeouts, connection errors, 429, 5xx).
+    #[arg(long)]
+    pub retries: Option<u32>,
 }
 
 /// `stepbox serve`.
@@ -157,6 +331,9 @@ pub struct ServeConfig {
     pub policies_dir: Option<PathBuf>,
     /// Python component.
     pub python_component: Option<PathBuf>,
+    /// The model `GenerateStep` asks (`[model]`: base_url, api_key_env, model, temperature,
+    /// request_timeout, retries, backoff).
+    pub model: Option<crate::generate::ModelConfig>,
 }
 
 /// `stepbox policy ...`.
@@ -210,14 +387,22 @@ impl Cli {
         let result = match self.command {
             Command::Run(args) => args.execute(&self.global).await,
             Command::Serve(args) => args.execute(self.global).await.map(|()| 0),
+            Command::Generate(args) => args.execute(&self.global).await,
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
         };
         match result {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
-                let code = match e.downcast_ref::<JobError>() {
-                    Some(j) if !j.is_caller_error() => EXIT_HOST_ERROR,
-                    Some(_) | None => EXIT_BAD_REQUEST,
+                use crate::generate::GenerateError;
+                let code = match (
+                    e.downcast_ref::<JobError>(),
+                    e.downcast_ref::<GenerateError>(),
+                ) {
+                    (Some(j), _) | (_, Some(GenerateError::Job(j))) if !j.is_caller_error() => {
+                        EXIT_HOST_ERROR
+                    }
+                    (_, Some(GenerateError::Model(_))) => EXIT_HOST_ERROR,
+                    _ => EXIT_BAD_REQUEST,
                 };
                 if verbose {
                     eprintln!("stepbox: error: {e:?}");
@@ -357,8 +542,11 @@ impl RunArgs {
 
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
         let job = self.job()?;
+        let checks = self.checks.checks()?;
         let executor = Executor::new(global.executor_config()?)?;
-        let result = executor.run(job).await?;
+        let (result, verdicts) = executor
+            .run_checked(job, &checks, crate::RunOptions::default())
+            .await?;
         if global.verbose {
             let u = &result.usage;
             eprintln!(
@@ -379,11 +567,25 @@ impl RunArgs {
         }
         if self.json {
             let mut out = std::io::stdout().lock();
-            serde_json::to_writer_pretty(&mut out, &result)?;
+            let mut value = serde_json::to_value(&result)?;
+            value["check_results"] = serde_json::to_value(&verdicts)?;
+            serde_json::to_writer_pretty(&mut out, &value)?;
             writeln!(out)?;
         } else {
             std::io::stdout().lock().write_all(&result.stdout)?;
             std::io::stderr().lock().write_all(&result.stderr)?;
+            for v in verdicts.iter().filter(|v| !v.passed || global.verbose) {
+                eprintln!(
+                    "stepbox: check {}: {}{}",
+                    v.name,
+                    if v.passed { "passed" } else { "FAILED" },
+                    if v.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", v.detail)
+                    }
+                );
+            }
             if result.status != Status::Succeeded && !self.quiet {
                 eprintln!("stepbox: {}: {}", result.status, result.message);
             }
@@ -448,6 +650,9 @@ impl ServeArgs {
         if let Some(g) = self.grace_period.or(file.grace_period) {
             options.grace = g.0;
         }
+        if let Some(m) = file.model {
+            options.model = m;
+        }
         let addr = self
             .addr
             .or(file.addr)
@@ -478,5 +683,137 @@ impl ServeArgs {
         crate::server::serve(executor, listener, options, shutdown).await?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+impl GenerateArgs {
+    fn model_config(&self) -> crate::generate::ModelConfig {
+        let mut c = crate::generate::ModelConfig::default();
+        if let Some(u) = &self.base_url {
+            c.base_url = u.clone();
+        }
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        c.api_key_env = self.api_key_env.clone();
+        if let Some(t) = self.temperature {
+            c.temperature = t;
+        }
+        if let Some(t) = self.request_timeout {
+            c.request_timeout = t.0;
+        }
+        if let Some(r) = self.retries {
+            c.retries = r;
+        }
+        c
+    }
+
+    async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
+        use crate::generate::{GenerateEvent, GenerateRequest, Generator, Verdict};
+        let requirements = String::from_utf8(text_or_file(&self.requirements)?)
+            .context("the requirements are not UTF-8")?;
+        let mut req = GenerateRequest::new(requirements);
+        if let Some(dir) = &self.input_dir {
+            req.inputs = read_input_dir(dir)?;
+        }
+        for path in &self.inputs {
+            let name = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
+            let content = std::fs::read(path)
+                .with_context(|| format!("failed to read input `{}`", path.display()))?;
+            req.inputs.push(InputFile {
+                path: name.to_string(),
+                content: content.into(),
+            });
+        }
+        req.checks = self.checks.checks()?;
+        req.max_attempts = self.max_attempts;
+        req.deadline = self.deadline.0;
+        req.policy = self.policy.clone();
+        req.layout = self.layout;
+        for pair in &self.limits {
+            req.limits.set_pair(pair).map_err(anyhow::Error::msg)?;
+        }
+        let config = self.model_config();
+        let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
+        let generator = Generator::new(executor, config.clone())?;
+        eprintln!(
+            "stepbox: generating with {} at {} (at most {} attempts)",
+            config.model, config.base_url, req.max_attempts
+        );
+        if req.checks.is_empty() {
+            eprintln!("stepbox: no checks given: the result will be unverified");
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenerateEvent::AttemptStarted { number } => {
+                        eprintln!("stepbox: attempt {number}: asking the model")
+                    }
+                    GenerateEvent::ModelReply {
+                        number,
+                        code,
+                        tokens,
+                        ..
+                    } => eprintln!(
+                        "stepbox: attempt {number}: model replied ({} tokens){}",
+                        tokens.total,
+                        if code.is_some() {
+                            ", running the program"
+                        } else {
+                            " without a code block"
+                        }
+                    ),
+                    GenerateEvent::AttemptResult(a) => {
+                        let passed = a.check_results.iter().filter(|c| c.passed).count();
+                        let status = a.status.map_or("NOT RUN".to_string(), |s| s.to_string());
+                        eprintln!(
+                            "stepbox: attempt {}: {status}{}{}",
+                            a.number,
+                            if a.check_results.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", {passed}/{} checks passed", a.check_results.len())
+                            },
+                            if a.message.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", a.message)
+                            }
+                        );
+                    }
+                }
+            }
+        });
+        let outcome = generator.generate(req, Some(tx)).await;
+        let _ = progress.await;
+        let outcome = outcome?;
+        if let Some(t) = &self.transcript {
+            std::fs::write(t, serde_json::to_vec_pretty(&outcome.transcript)?)
+                .with_context(|| format!("failed to write `{}`", t.display()))?;
+        }
+        eprintln!(
+            "stepbox: {:?}: {} ({} tokens)",
+            outcome.verdict, outcome.stopped, outcome.tokens.total
+        );
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &outcome)?;
+            writeln!(out)?;
+        } else if let Some(source) = &outcome.source {
+            match &self.output {
+                Some(path) => std::fs::write(path, source)
+                    .with_context(|| format!("failed to write `{}`", path.display()))?,
+                None => std::io::stdout().lock().write_all(source.as_bytes())?,
+            }
+        }
+        Ok(if outcome.verdict == Verdict::Failed {
+            1
+        } else {
+            0
+        })
     }
 }

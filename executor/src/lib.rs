@@ -28,6 +28,7 @@
 pub mod checks;
 pub mod cli;
 pub mod engine;
+pub mod generate;
 pub mod jobdir;
 pub mod limits;
 pub mod manifest;

@@ -18,6 +18,10 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::checks::{Check, CheckKind, CheckResult};
+use crate::generate::{
+    Attempt, GenerateError, GenerateEvent, GenerateOutcome, GenerateRequest, Generator, TokenUsage,
+    Verdict,
+};
 use crate::limits::{ByteSize, LimitError, LimitKind, LimitOverrides, Limits, Millis};
 use crate::outcome::{RunResult, Status as RunStatus};
 use crate::outputs::OutputKind;
@@ -47,6 +51,8 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight jobs may finish after a shutdown signal before they are cancelled.
     pub grace: Duration,
+    /// The model `GenerateStep` asks.
+    pub model: crate::generate::ModelConfig,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +63,7 @@ impl Default for ServerOptions {
             queue: 4 * cores,
             max_message_bytes: 64 << 20,
             grace: Duration::from_secs(10),
+            model: crate::generate::ModelConfig::default(),
         }
     }
 }
@@ -64,7 +71,7 @@ impl Default for ServerOptions {
 /// Bounded admission: at most `capacity` jobs admitted (running or waiting), `slots` running.
 #[derive(Debug)]
 struct Admission {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     capacity: usize,
     admitted: AtomicUsize,
 }
@@ -97,6 +104,7 @@ impl Admission {
 #[derive(Debug, Clone)]
 pub struct StepService {
     executor: Arc<Executor>,
+    generator: Arc<Generator>,
     admission: Arc<Admission>,
     cancel: watch::Receiver<bool>,
 }
@@ -435,16 +443,20 @@ impl StepService {
         executor: Arc<Executor>,
         options: &ServerOptions,
         cancel: watch::Receiver<bool>,
-    ) -> StepService {
-        StepService {
+    ) -> Result<StepService, GenerateError> {
+        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        Ok(StepService {
+            generator: Arc::new(
+                Generator::new(executor.clone(), options.model.clone())?.with_slots(slots.clone()),
+            ),
             executor,
             admission: Arc::new(Admission {
-                slots: Semaphore::new(options.concurrency.max(1)),
+                slots,
                 capacity: options.concurrency.max(1) + options.queue,
                 admitted: AtomicUsize::new(0),
             }),
             cancel,
-        }
+        })
     }
 
     /// Admits, waits for a slot, runs, with deadline and shutdown cancellation.
@@ -497,6 +509,105 @@ impl StepService {
         out
     }
 }
+
+fn tokens_to(t: TokenUsage) -> pb::TokenUsage {
+    pb::TokenUsage {
+        prompt: t.prompt,
+        completion: t.completion,
+        total: t.total,
+    }
+}
+
+fn attempt_to(a: &Attempt) -> pb::GenerationAttempt {
+    pb::GenerationAttempt {
+        number: a.number,
+        reply: a.reply.clone(),
+        code: a.code.clone().unwrap_or_default(),
+        status: a.status.map_or(pb::Status::Unspecified, status_to) as i32,
+        message: a.message.clone(),
+        stderr_tail: a.stderr_tail.clone(),
+        check_results: a
+            .check_results
+            .iter()
+            .map(|v| pb::CheckResult {
+                name: v.name.clone(),
+                passed: v.passed,
+                detail: v.detail.clone(),
+            })
+            .collect(),
+        tokens: Some(tokens_to(a.tokens)),
+        model_ms: a.model_ms,
+    }
+}
+
+fn outcome_to(o: &GenerateOutcome) -> pb::GenerateOutcome {
+    pb::GenerateOutcome {
+        verdict: match o.verdict {
+            Verdict::Verified => pb::Verdict::Verified,
+            Verdict::Unverified => pb::Verdict::Unverified,
+            Verdict::Failed => pb::Verdict::Failed,
+        } as i32,
+        runtime: o.runtime.name().to_string(),
+        source: o.source.clone().unwrap_or_default(),
+        stopped: o.stopped.clone(),
+        attempts: o.attempts.iter().map(attempt_to).collect(),
+        tokens: Some(tokens_to(o.tokens)),
+        transcript_json: serde_json::to_string(&o.transcript).unwrap_or_default(),
+    }
+}
+
+fn generate_status(e: GenerateError) -> Status {
+    match e {
+        GenerateError::Invalid { field, reason } => bad(&field, reason),
+        GenerateError::Model(msg) => Status::unavailable(msg),
+        GenerateError::Job(e) => status_of(e, Some(RuntimeKind::Python)),
+    }
+}
+
+/// Converts a generation request.
+pub fn generate_request_from(req: pb::GenerateStepRequest) -> Result<GenerateRequest, Status> {
+    let mut g = GenerateRequest::new(req.requirements);
+    if !req.runtime.is_empty() {
+        g.runtime = req.runtime.parse().map_err(|e| bad("runtime", e))?;
+    }
+    g.layout = match pb::FileLayout::try_from(req.layout) {
+        Ok(pb::FileLayout::Unspecified | pb::FileLayout::InputOutput) => Layout::InputOutput,
+        Ok(pb::FileLayout::MntData) => Layout::MntData,
+        Err(_) => {
+            return Err(bad(
+                "layout",
+                format!("unknown layout value {}", req.layout),
+            ));
+        }
+    };
+    g.inputs = req
+        .inputs
+        .into_iter()
+        .map(|f| InputFile {
+            path: f.path,
+            content: f.content.into(),
+        })
+        .collect();
+    g.checks = req
+        .checks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| check_from(i, c))
+        .collect::<Result<_, _>>()?;
+    g.policy = req.policy;
+    g.limits = limits_from(req.limits);
+    g.args = req.args;
+    if req.max_attempts != 0 {
+        g.max_attempts = req.max_attempts;
+    }
+    if req.deadline_ms != 0 {
+        g.deadline = Duration::from_millis(req.deadline_ms);
+    }
+    Ok(g)
+}
+
+type GenerateStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateStepEvent, Status>> + Send>>;
 
 type EventStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RunStepEvent, Status>> + Send>>;
@@ -565,6 +676,78 @@ impl StepExecutor for StepService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type GenerateStepStream = GenerateStream;
+
+    async fn generate_step(
+        &self,
+        request: Request<pb::GenerateStepRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let deadline = grpc_timeout(&request);
+        let mut req = generate_request_from(request.into_inner())?;
+        if let Some(d) = deadline {
+            req.deadline = req.deadline.min(our_deadline(d));
+        }
+        let ticket = self.admission.admit()?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::GenerateStepEvent, Status>>(64);
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<GenerateEvent>();
+        let generator = self.generator.clone();
+        let mut cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            let forward = {
+                let tx = tx.clone();
+                async move {
+                    while let Some(ev) = ev_rx.recv().await {
+                        use pb::generate_step_event::Event;
+                        let event = match ev {
+                            GenerateEvent::AttemptStarted { number } => {
+                                Event::AttemptStarted(number)
+                            }
+                            GenerateEvent::ModelReply {
+                                number,
+                                reply,
+                                code,
+                                tokens,
+                            } => Event::ModelReply(pb::GenerationAttempt {
+                                number,
+                                reply,
+                                code: code.unwrap_or_default(),
+                                tokens: Some(tokens_to(tokens)),
+                                ..Default::default()
+                            }),
+                            GenerateEvent::AttemptResult(a) => Event::AttemptResult(attempt_to(&a)),
+                        };
+                        if tx
+                            .send(Ok(pb::GenerateStepEvent { event: Some(event) }))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            };
+            let work = async { tokio::join!(generator.generate(req, Some(ev_tx)), forward).0 };
+            let cancelled = async move {
+                while !*cancel.borrow_and_update() {
+                    if cancel.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let closed = tx.closed();
+            let last = tokio::select! {
+                r = work => r
+                    .map(|o| pb::GenerateStepEvent { event: Some(pb::generate_step_event::Event::Outcome(outcome_to(&o))) })
+                    .map_err(generate_status),
+                () = cancelled => Err(Status::unavailable("the server is shutting down; generation was cancelled")),
+                () = closed => return,
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn list_runtimes(
         &self,
         _request: Request<pb::ListRuntimesRequest>,
@@ -616,7 +799,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let service = StepService::new(executor, &options, cancel_rx);
+    let service = StepService::new(executor, &options, cancel_rx)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<StepExecutorServer<StepService>>()
@@ -747,7 +930,7 @@ mod tests {
     #[tokio::test]
     async fn admission_is_bounded() {
         let a = Arc::new(Admission {
-            slots: Semaphore::new(1),
+            slots: Arc::new(Semaphore::new(1)),
             capacity: 2,
             admitted: AtomicUsize::new(0),
         });

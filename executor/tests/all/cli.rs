@@ -200,3 +200,63 @@ fn policy_subcommands() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("bad.toml") && e.contains("network"), "{e}");
 }
+
+#[tokio::test]
+async fn generate_writes_the_verified_program_and_reports_progress() {
+    use crate::generate::{Scripted, fake_model};
+    let model = fake_model(vec![
+        Scripted::Reply("```python\nraise SystemExit(1)\n```".into()),
+        Scripted::Reply("```python\nprint(open('/input/in.txt').read().strip()[::-1])\n```".into()),
+    ])
+    .await;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "in.txt", "abc\n");
+    write(d.path(), "want.txt", "cba\n");
+    let url = model.base_url.clone();
+    let dir = d.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_stepbox"))
+            .args([
+                "generate",
+                "--requirements",
+                "Reverse the text of in.txt.",
+                "--input",
+                "in.txt",
+            ])
+            .args([
+                "--expect-stdout",
+                "want.txt",
+                "--transcript",
+                "t.json",
+                "-o",
+                "step.py",
+                "--model",
+                "m",
+            ])
+            .current_dir(&dir)
+            .env("OPENAI_BASE_URL", &url)
+            .env("STEPBOX_CACHE_DIR", cache_dir())
+            .env("STEPBOX_PYTHON_COMPONENT", python_component())
+            .env("STEPBOX_WORK_ROOT", dir.join("work"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("attempt 1: FAILED")
+            && stderr.contains("attempt 2: SUCCEEDED, 1/1 checks passed"),
+        "{stderr}"
+    );
+    assert!(o.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("step.py")).unwrap(),
+        "print(open('/input/in.txt').read().strip()[::-1])\n"
+    );
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("t.json")).unwrap()).unwrap();
+    assert_eq!(t["model"], "m");
+    assert_eq!(model.requests().len(), 2);
+}

@@ -475,3 +475,87 @@ async fn shutdown_cancels_jobs_past_the_grace_period() {
     done.await.unwrap().unwrap();
     assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn generate_step_streams_attempts_then_the_outcome() {
+    use crate::generate::{Scripted, config, fake_model};
+    let model = fake_model(vec![
+        Scripted::Reply("```python\nprint(41)\n```".into()),
+        Scripted::Reply("```python\nprint(42)\n```".into()),
+    ])
+    .await;
+    let mut s = start(ServerOptions {
+        model: config(&model.base_url),
+        ..ServerOptions::default()
+    })
+    .await;
+    let req = pb::GenerateStepRequest {
+        requirements: "Print the answer.".into(),
+        checks: vec![check(Kind::StdoutEquals(b"42\n".to_vec()))],
+        ..Default::default()
+    };
+    let mut stream = s.client.generate_step(req).await.unwrap().into_inner();
+    let mut kinds = Vec::new();
+    let mut outcome = None;
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pb::generate_step_event::Event::AttemptStarted(n) => kinds.push(format!("start {n}")),
+            pb::generate_step_event::Event::ModelReply(a) => {
+                kinds.push(format!("reply {}", a.number))
+            }
+            pb::generate_step_event::Event::AttemptResult(a) => {
+                kinds.push(format!("result {} {:?}", a.number, a.status()))
+            }
+            pb::generate_step_event::Event::Outcome(o) => outcome = Some(o),
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            "start 1",
+            "reply 1",
+            "result 1 ChecksFailed",
+            "start 2",
+            "reply 2",
+            "result 2 Succeeded"
+        ]
+    );
+    let o = outcome.unwrap();
+    assert_eq!(o.verdict(), pb::Verdict::Verified);
+    assert_eq!(o.source, "print(42)\n");
+    assert_eq!(o.attempts.len(), 2);
+    let transcript: serde_json::Value = serde_json::from_str(&o.transcript_json).unwrap();
+    assert_eq!(transcript["messages"].as_array().unwrap().len(), 5);
+
+    // An endpoint that fails is UNAVAILABLE naming the URL and status.
+    let failing = fake_model(vec![Scripted::Status(401, "bad key")]).await;
+    let mut s2 = start(ServerOptions {
+        model: config(&failing.base_url),
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut stream = s2
+        .client
+        .generate_step(pb::GenerateStepRequest {
+            requirements: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().contains("answered HTTP 401: bad key"),
+        "{}",
+        e.message()
+    );
+    s.stop().await;
+    s2.stop().await;
+}

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod data_steps;
 mod escape;
+mod generate;
 mod grpc;
 mod limits;
 mod manifest;

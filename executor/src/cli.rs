@@ -65,6 +65,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Generate a verified step from plain-language requirements with an OpenAI-compatible model.
     Generate(GenerateArgs),
+    /// Turn a ChatGPT Code Interpreter conversation into a step and summarise it.
+    Import(ImportArgs),
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -110,8 +112,24 @@ pub struct RunArgs {
     /// Checks on the result; a failed check makes the status CHECKS_FAILED.
     #[command(flatten)]
     pub checks: CheckArgs,
+    /// Run the step imported from this ChatGPT conversation (layout mnt-data; the files it offered
+    /// for download are checked to exist) instead of FILE.
+    #[arg(long, value_name = "CONVERSATION", conflicts_with_all = ["file", "runtime", "layout"])]
+    pub from_conversation: Option<PathBuf>,
+    /// For --from-conversation with conversations.json: the id or title.
+    #[arg(
+        long = "conversation",
+        value_name = "ID|TITLE",
+        requires = "from_conversation"
+    )]
+    pub select: Option<String>,
+    /// For --from-conversation: also check stdout against the conversation's recorded output
+    /// (meaningful when the inputs are the conversation's own).
+    #[arg(long, requires = "from_conversation")]
+    pub verify_recorded: bool,
     /// The step: Python source, a wasm module or component, or WAT text.
-    pub file: PathBuf,
+    #[arg(required_unless_present = "from_conversation")]
+    pub file: Option<PathBuf>,
     /// Arguments for the step (after `--`).
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -265,6 +283,14 @@ pub struct GenerateArgs {
     /// Print the whole outcome as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The model to ask.
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Which OpenAI-compatible model to ask, and how.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
     /// Base URL of the OpenAI-compatible API (default: $OPENAI_BASE_URL or OpenAI's).
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub base_url: Option<String>,
@@ -283,6 +309,59 @@ pub struct GenerateArgs {
     /// Retries of a failed model request (timeouts, connection errors, 429, 5xx).
     #[arg(long)]
     pub retries: Option<u32>,
+}
+
+impl ModelArgs {
+    /// The model configuration: defaults from the environment, overridden by these flags.
+    pub fn config(&self) -> crate::generate::ModelConfig {
+        let mut c = crate::generate::ModelConfig::default();
+        if let Some(u) = &self.base_url {
+            c.base_url = u.clone();
+        }
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        c.api_key_env = self.api_key_env.clone();
+        if let Some(t) = self.temperature {
+            c.temperature = t;
+        }
+        if let Some(t) = self.request_timeout {
+            c.request_timeout = t.0;
+        }
+        if let Some(r) = self.retries {
+            c.retries = r;
+        }
+        c
+    }
+}
+
+/// `stepbox import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A ChatGPT shared-link page (.html), its __NEXT_DATA__ JSON, or a conversations.json export.
+    pub file: PathBuf,
+    /// For conversations.json: the id or title of the conversation.
+    #[arg(long = "conversation", value_name = "ID|TITLE")]
+    pub select: Option<String>,
+    /// Write the step's program here.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Print everything (summary, cells, program) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// When the step imports modules the runtime lacks, ask the model to port it to the standard
+    /// library, verified on --input files against the conversation's recorded outputs.
+    #[arg(long)]
+    pub port: bool,
+    /// The conversation's input files, for --port.
+    #[arg(long = "input", value_name = "PATH")]
+    pub inputs: Vec<PathBuf>,
+    /// Most model calls for --port.
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// The model to ask for --port.
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// `stepbox serve`.
@@ -388,6 +467,7 @@ impl Cli {
             Command::Run(args) => args.execute(&self.global).await,
             Command::Serve(args) => args.execute(self.global).await.map(|()| 0),
             Command::Generate(args) => args.execute(&self.global).await,
+            Command::Import(args) => args.execute(&self.global).await,
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
         };
         match result {
@@ -484,27 +564,33 @@ fn read_input_dir(dir: &Path) -> anyhow::Result<Vec<InputFile>> {
 }
 
 impl RunArgs {
-    /// Builds the job these arguments describe.
-    pub fn job(&self) -> anyhow::Result<StepJob> {
-        let runtime = match self.runtime {
-            Some(r) => r,
-            None => RuntimeKind::from_extension(&self.file).with_context(|| {
-                format!(
-                    "cannot tell the runtime of `{}` from its extension: pass --runtime python or --runtime wasm",
-                    self.file.display()
-                )
-            })?,
+    /// Builds the job these arguments describe, from FILE or from `base` (an imported step).
+    pub fn job(&self, base: Option<StepJob>) -> anyhow::Result<StepJob> {
+        let mut job = match (base, &self.file) {
+            (Some(job), _) => job,
+            (None, Some(file)) => {
+                let runtime = match self.runtime {
+                    Some(r) => r,
+                    None => RuntimeKind::from_extension(file).with_context(|| {
+                        format!(
+                            "cannot tell the runtime of `{}` from its extension: pass --runtime python or --runtime wasm",
+                            file.display()
+                        )
+                    })?,
+                };
+                let program = std::fs::read(file)
+                    .with_context(|| format!("failed to read step `{}`", file.display()))?;
+                let mut job = StepJob::new(runtime, program);
+                job.filename = file
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .map(str::to_string);
+                job.layout = self.layout;
+                job
+            }
+            (None, None) => bail!("give a step FILE or --from-conversation"),
         };
-        let program = std::fs::read(&self.file)
-            .with_context(|| format!("failed to read step `{}`", self.file.display()))?;
-        let mut job = StepJob::new(runtime, program);
-        job.filename = self
-            .file
-            .file_name()
-            .and_then(|f| f.to_str())
-            .map(str::to_string);
         job.policy = self.policy.clone();
-        job.layout = self.layout;
         let mut limits = LimitOverrides::default();
         for pair in &self.limits {
             limits.set_pair(pair).map_err(anyhow::Error::msg)?;
@@ -541,9 +627,30 @@ impl RunArgs {
     }
 
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
-        let job = self.job()?;
-        let checks = self.checks.checks()?;
         let executor = Executor::new(global.executor_config()?)?;
+        let mut checks = self.checks.checks()?;
+        let base = match &self.from_conversation {
+            Some(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("failed to read `{}`", path.display()))?;
+                let imported =
+                    crate::conversation::import(&executor, &bytes, self.select.as_deref()).await?;
+                for u in &imported.unsupported_imports {
+                    eprintln!(
+                        "stepbox: warning: cell {} imports `{}`, which the python runtime does not have",
+                        u.cell, u.module
+                    );
+                }
+                checks.extend(if self.verify_recorded {
+                    imported.recorded_checks()
+                } else {
+                    imported.output_checks()
+                });
+                Some(imported.job())
+            }
+            None => None,
+        };
+        let job = self.job(base)?;
         let (result, verdicts) = executor
             .run_checked(job, &checks, crate::RunOptions::default())
             .await?;
@@ -687,27 +794,6 @@ impl ServeArgs {
 }
 
 impl GenerateArgs {
-    fn model_config(&self) -> crate::generate::ModelConfig {
-        let mut c = crate::generate::ModelConfig::default();
-        if let Some(u) = &self.base_url {
-            c.base_url = u.clone();
-        }
-        if let Some(m) = &self.model {
-            c.model = m.clone();
-        }
-        c.api_key_env = self.api_key_env.clone();
-        if let Some(t) = self.temperature {
-            c.temperature = t;
-        }
-        if let Some(t) = self.request_timeout {
-            c.request_timeout = t.0;
-        }
-        if let Some(r) = self.retries {
-            c.retries = r;
-        }
-        c
-    }
-
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
         use crate::generate::{GenerateEvent, GenerateRequest, Generator, Verdict};
         let requirements = String::from_utf8(text_or_file(&self.requirements)?)
@@ -736,7 +822,7 @@ impl GenerateArgs {
         for pair in &self.limits {
             req.limits.set_pair(pair).map_err(anyhow::Error::msg)?;
         }
-        let config = self.model_config();
+        let config = self.model.config();
         let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
         let generator = Generator::new(executor, config.clone())?;
         eprintln!(
@@ -815,5 +901,190 @@ impl GenerateArgs {
         } else {
             0
         })
+    }
+}
+
+impl ImportArgs {
+    async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
+        let bytes = std::fs::read(&self.file)
+            .with_context(|| format!("failed to read `{}`", self.file.display()))?;
+        let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
+        let mut imported =
+            crate::conversation::import(&executor, &bytes, self.select.as_deref()).await?;
+        let mut ported = None;
+        if self.port && !imported.unsupported_imports.is_empty() {
+            ported = Some(self.port_step(&executor, &mut imported).await?);
+        }
+        if let Some(path) = &self.output {
+            std::fs::write(path, &imported.source)
+                .with_context(|| format!("failed to write `{}`", path.display()))?;
+        }
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &imported)?;
+            writeln!(out)?;
+            return Ok(0);
+        }
+        let ex = &imported.extracted;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "Title:    {}{}",
+            ex.title,
+            if ex.conversation_id.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ex.conversation_id)
+            }
+        )?;
+        writeln!(out, "Cells:    {}", ex.cells.len())?;
+        let inputs: Vec<String> = ex
+            .inputs
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}{}",
+                    i.name,
+                    i.size.map(|s| format!(" ({s} bytes)")).unwrap_or_default()
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "Inputs:   {}",
+            if inputs.is_empty() {
+                "none".into()
+            } else {
+                inputs.join(", ")
+            }
+        )?;
+        writeln!(
+            out,
+            "Outputs:  {}",
+            if ex.outputs.is_empty() {
+                "none".into()
+            } else {
+                ex.outputs.join(", ")
+            }
+        )?;
+        let unsupported: Vec<String> = imported
+            .unsupported_imports
+            .iter()
+            .map(|u| format!("{} (cell {})", u.module, u.cell))
+            .collect();
+        writeln!(
+            out,
+            "Unsupported imports: {}",
+            if unsupported.is_empty() {
+                "none".into()
+            } else {
+                unsupported.join(", ")
+            }
+        )?;
+        match &imported.expected_stdout {
+            Some(s) => writeln!(out, "Expected stdout (on the conversation's inputs): {s:?}")?,
+            None => writeln!(out, "Expected stdout: unknown (see notes)")?,
+        }
+        for n in &imported.notes {
+            writeln!(out, "Note:     {n}")?;
+        }
+        if let Some(p) = ported {
+            writeln!(out, "Ported:   {p}")?;
+        }
+        let inputs_flags: String = ex
+            .inputs
+            .iter()
+            .map(|i| format!(" --input {}", i.name))
+            .collect();
+        let select_flag = self
+            .select
+            .as_ref()
+            .map(|s| format!(" --conversation {s:?}"))
+            .unwrap_or_default();
+        match &self.output {
+            Some(path) => writeln!(
+                out,
+                "Program:  written to {} (run it: stepbox run --layout mnt-data{inputs_flags} {})",
+                path.display(),
+                path.display()
+            )?,
+            None => writeln!(
+                out,
+                "Run it:   stepbox run --from-conversation {}{select_flag}{inputs_flags}",
+                self.file.display()
+            )?,
+        }
+        Ok(0)
+    }
+
+    /// Asks the model to port the imported step to the standard library, verified on the inputs.
+    async fn port_step(
+        &self,
+        executor: &std::sync::Arc<Executor>,
+        imported: &mut crate::conversation::ImportedStep,
+    ) -> anyhow::Result<String> {
+        use crate::generate::{GenerateRequest, Generator, Verdict};
+        if self.inputs.is_empty() {
+            bail!(
+                "--port needs the conversation's input files (--input PATH) to verify the ported step on"
+            );
+        }
+        let missing: Vec<String> = imported
+            .unsupported_imports
+            .iter()
+            .map(|u| u.module.clone())
+            .collect();
+        let mut requirements = format!(
+            "Port this program, written in ChatGPT's Code Interpreter, so that it runs with only the Python standard \
+             library (the sandbox does not have: {}). Keep its behaviour: write the same files to /mnt/data and print the same \
+             output. Do not print values the notebook merely displayed.\n",
+            missing.join(", ")
+        );
+        for r in &imported.extracted.requests {
+            requirements.push_str(&format!("\nThe user had asked: {r}\n"));
+        }
+        requirements.push_str(&format!(
+            "\nThe program:\n```python\n{}\n```\n",
+            imported.source
+        ));
+        let mut req = GenerateRequest::new(requirements);
+        req.layout = Layout::MntData;
+        req.max_attempts = self.max_attempts;
+        req.checks = imported.recorded_checks();
+        for path in &self.inputs {
+            let name = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .context("an --input has no UTF-8 file name")?;
+            let content = std::fs::read(path)
+                .with_context(|| format!("failed to read input `{}`", path.display()))?;
+            req.inputs.push(InputFile {
+                path: name.to_string(),
+                content: content.into(),
+            });
+        }
+        let generator = Generator::new(executor.clone(), self.model.config())?;
+        eprintln!(
+            "stepbox: porting away from {} with {}",
+            missing.join(", "),
+            generator.config().model
+        );
+        let outcome = generator.generate(req, None).await?;
+        match (outcome.verdict, outcome.source) {
+            (Verdict::Verified | Verdict::Unverified, Some(source)) => {
+                imported.source = source;
+                imported.unsupported_imports.clear();
+                Ok(format!(
+                    "{:?} in {} attempts: {}",
+                    outcome.verdict,
+                    outcome.attempts.len(),
+                    outcome.stopped
+                ))
+            }
+            _ => bail!(
+                "porting failed: {} (the unported step is unchanged)",
+                outcome.stopped
+            ),
+        }
     }
 }

@@ -27,6 +27,7 @@
 
 pub mod checks;
 pub mod cli;
+pub mod conversation;
 pub mod engine;
 pub mod generate;
 pub mod jobdir;

@@ -284,6 +284,51 @@ fn check_from(i: usize, c: pb::Check) -> Result<Check, Status> {
     Ok(Check { name: c.name, kind })
 }
 
+/// Converts a check back into its message (verifier steps are not converted).
+fn check_to(c: &Check) -> Option<pb::Check> {
+    use pb::check::Kind;
+    let kind = match &c.kind {
+        CheckKind::ExitCode(code) => Kind::ExitCode(*code),
+        CheckKind::StdoutEquals(b) => Kind::StdoutEquals(b.to_vec()),
+        CheckKind::StdoutMatches(r) => Kind::StdoutMatches(r.clone()),
+        CheckKind::FileExists(p) => Kind::FileExists(p.clone()),
+        CheckKind::FileEquals { path, content } => Kind::FileEquals(pb::FileContent {
+            path: path.clone(),
+            content: content.to_vec(),
+        }),
+        CheckKind::FileSha256 { path, sha256 } => Kind::FileSha256(pb::FileSha256 {
+            path: path.clone(),
+            sha256: sha256.clone(),
+        }),
+        CheckKind::FileJsonEquals { path, content } => Kind::FileJsonEquals(pb::FileContent {
+            path: path.clone(),
+            content: content.to_vec(),
+        }),
+        CheckKind::FileCsvEquals {
+            path,
+            content,
+            ignore_row_order,
+        } => Kind::FileCsvEquals(pb::FileCsvEquals {
+            path: path.clone(),
+            content: content.to_vec(),
+            ignore_row_order: *ignore_row_order,
+        }),
+        CheckKind::FileMatches { path, regex } => Kind::FileMatches(pb::FileMatches {
+            path: path.clone(),
+            regex: regex.clone(),
+        }),
+        CheckKind::FileJsonSchema { path, schema } => Kind::FileJsonSchema(pb::FileJsonSchema {
+            path: path.clone(),
+            schema_json: schema.clone(),
+        }),
+        CheckKind::Verifier(_) => return None,
+    };
+    Some(pb::Check {
+        name: c.name.clone(),
+        kind: Some(kind),
+    })
+}
+
 /// Converts a request into a job and its checks.
 pub fn job_from_request(req: pb::RunStepRequest) -> Result<(StepJob, Vec<Check>), Status> {
     let mut job = job_from_step(req.step, "step")?;
@@ -746,6 +791,68 @@ impl StepExecutor for StepService {
             let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn import_conversation(
+        &self,
+        request: Request<pb::ImportConversationRequest>,
+    ) -> Result<Response<pb::ImportConversationResponse>, Status> {
+        let req = request.into_inner();
+        let select = (!req.select.is_empty()).then_some(req.select.as_str());
+        let imported = crate::conversation::import(&self.executor, &req.conversation, select)
+            .await
+            .map_err(|e| match e {
+                crate::conversation::ImportError::Malformed(msg) => bad("conversation", msg),
+                crate::conversation::ImportError::Job(e) => status_of(e, Some(RuntimeKind::Python)),
+            })?;
+        let ex = &imported.extracted;
+        let summary = pb::ConversationSummary {
+            title: ex.title.clone(),
+            conversation_id: ex.conversation_id.clone(),
+            cells: u32::try_from(ex.cells.len()).unwrap_or(u32::MAX),
+            inputs: ex
+                .inputs
+                .iter()
+                .map(|i| pb::ExpectedInput {
+                    name: i.name.clone(),
+                    size: i.size.unwrap_or(0),
+                    mime_type: i.mime_type.clone().unwrap_or_default(),
+                })
+                .collect(),
+            outputs: ex.outputs.clone(),
+            unsupported_imports: imported
+                .unsupported_imports
+                .iter()
+                .map(|u| pb::UnsupportedImport {
+                    module: u.module.clone(),
+                    cell: u32::try_from(u.cell).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            notes: imported.notes.clone(),
+            has_expected_stdout: imported.expected_stdout.is_some(),
+            expected_stdout: imported
+                .expected_stdout
+                .clone()
+                .unwrap_or_default()
+                .into_bytes(),
+        };
+        let step = pb::Step {
+            runtime: "python".into(),
+            source: imported.source.clone(),
+            module: Vec::new(),
+            layout: pb::FileLayout::MntData as i32,
+            filename: imported.filename.clone(),
+        };
+        let recorded_checks = imported
+            .recorded_checks()
+            .iter()
+            .filter_map(check_to)
+            .collect();
+        Ok(Response::new(pb::ImportConversationResponse {
+            step: Some(step),
+            summary: Some(summary),
+            recorded_checks,
+        }))
     }
 
     async fn list_runtimes(

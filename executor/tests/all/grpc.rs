@@ -559,3 +559,76 @@ async fn generate_step_streams_attempts_then_the_outcome() {
     s.stop().await;
     s2.stop().await;
 }
+
+#[tokio::test]
+async fn import_conversation_returns_the_step_summary_and_checks() {
+    let mut s = start(ServerOptions::default()).await;
+    let page = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/conversations/bulk-edit-validator.share.html"),
+    )
+    .unwrap();
+    let r = s
+        .client
+        .import_conversation(pb::ImportConversationRequest {
+            conversation: page,
+            select: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let summary = r.summary.unwrap();
+    assert_eq!(
+        (summary.title.as_str(), summary.cells),
+        ("Bulk Edit CSV Validator", 3)
+    );
+    assert_eq!(summary.outputs, ["bulk_edit_errors.csv"]);
+    assert_eq!(summary.expected_stdout, b"8 rows checked, 9 problems\n");
+    let step = r.step.unwrap();
+    assert_eq!(step.layout(), pb::FileLayout::MntData);
+    // The returned step and checks run as they are.
+    let csv = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/conversations/bulk_edit.csv"),
+    )
+    .unwrap();
+    let run = s
+        .client
+        .run_step(pb::RunStepRequest {
+            step: Some(step),
+            inputs: vec![pb::File {
+                path: "bulk_edit.csv".into(),
+                content: csv,
+                ..Default::default()
+            }],
+            checks: r.recorded_checks,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        run.status(),
+        pb::Status::Succeeded,
+        "{:?}",
+        run.check_results
+    );
+    assert_eq!(run.check_results.len(), 2);
+
+    let e = s
+        .client
+        .import_conversation(pb::ImportConversationRequest {
+            conversation: b"<html></html>".to_vec(),
+            select: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("invalid `conversation`: the HTML page has no"),
+        "{}",
+        e.message()
+    );
+    s.stop().await;
+}

@@ -6,6 +6,7 @@
 
 mod cli;
 mod common;
+mod conversation;
 mod data_steps;
 mod escape;
 mod generate;

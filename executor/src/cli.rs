@@ -67,6 +67,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Turn a ChatGPT Code Interpreter conversation into a step and summarise it.
     Import(ImportArgs),
+    /// Check a configuration file, or hash a bearer token for it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -370,8 +373,8 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:50051; port 0 picks a free one).
     #[arg(long)]
     pub addr: Option<std::net::SocketAddr>,
-    /// A TOML file with any of: addr, concurrency, queue, max_message_size, grace_period,
-    /// work_root, cache_dir, policies_dir, python_component. Flags override it.
+    /// The configuration file (stepbox.toml; see `stepbox config check`). STEPBOX_* variables
+    /// override its keys and these flags override both.
     #[arg(long, env = "STEPBOX_CONFIG")]
     pub config: Option<PathBuf>,
     /// Jobs that run at once (default: the number of cores).
@@ -388,31 +391,47 @@ pub struct ServeArgs {
     pub grace_period: Option<Millis>,
 }
 
-/// The `stepbox serve` configuration file.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServeConfig {
-    /// Listen address.
-    pub addr: Option<std::net::SocketAddr>,
-    /// Concurrent jobs.
-    pub concurrency: Option<usize>,
-    /// Queued jobs.
-    pub queue: Option<usize>,
-    /// Largest request.
-    pub max_message_size: Option<ByteSize>,
-    /// Shutdown grace period.
-    pub grace_period: Option<Millis>,
-    /// Work root.
-    pub work_root: Option<PathBuf>,
-    /// Artifact cache.
-    pub cache_dir: Option<PathBuf>,
-    /// Policies directory.
-    pub policies_dir: Option<PathBuf>,
-    /// Python component.
-    pub python_component: Option<PathBuf>,
-    /// The model `GenerateStep` asks (`[model]`: base_url, api_key_env, model, temperature,
-    /// request_timeout, retries, backoff).
-    pub model: Option<crate::generate::ModelConfig>,
+/// `stepbox config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration (file plus STEPBOX_* variables) and print it, secrets masked.
+    Check {
+        /// The file (default: $STEPBOX_CONFIG, or none: defaults and variables only).
+        #[arg(long, env = "STEPBOX_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the `sha256:` form of a bearer token for a tenant's `tokens` (reads stdin when absent).
+    HashToken {
+        /// The token.
+        token: Option<String>,
+    },
+}
+
+impl ConfigCommand {
+    fn execute(self) -> anyhow::Result<()> {
+        match self {
+            ConfigCommand::Check { config } => {
+                let c = crate::config::Config::load(config.as_deref(), std::env::vars())?;
+                crate::tenancy::Tenants::from_config(&c.tenants)?;
+                if let Some(dir) = &c.policies_dir {
+                    PolicySet::load_dir(dir)?;
+                }
+                print!("{}", c.masked_toml());
+                eprintln!("stepbox: configuration OK");
+            }
+            ConfigCommand::HashToken { token } => {
+                let token = match token {
+                    Some(t) => t,
+                    None => std::io::read_to_string(std::io::stdin())?,
+                };
+                if token.trim().is_empty() {
+                    bail!("the token is empty");
+                }
+                println!("{}", crate::config::hash_token(&token));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `stepbox policy ...`.
@@ -460,6 +479,22 @@ impl GlobalArgs {
 }
 
 impl Cli {
+    /// Log format and filter: from the server's configuration for `serve` (`[log]`), else text.
+    pub fn log_settings(&self) -> (crate::config::LogFormat, Option<String>) {
+        match &self.command {
+            Command::Serve(args) => args
+                .config()
+                .map(|c| {
+                    (
+                        c.log.format,
+                        c.log.filter.or_else(|| Some("stepbox=info".into())),
+                    )
+                })
+                .unwrap_or_default(),
+            _ => Default::default(),
+        }
+    }
+
     /// Runs the command; the returned code is the process exit code.
     pub async fn execute(self) -> ExitCode {
         let verbose = self.global.verbose;
@@ -468,6 +503,7 @@ impl Cli {
             Command::Serve(args) => args.execute(self.global).await.map(|()| 0),
             Command::Generate(args) => args.execute(&self.global).await,
             Command::Import(args) => args.execute(&self.global).await,
+            Command::Config(cmd) => cmd.execute().map(|()| 0),
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
         };
         match result {
@@ -729,45 +765,73 @@ pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
 }
 
 impl ServeArgs {
+    /// The configuration: the file (or defaults), `STEPBOX_*` overrides, then these flags.
+    pub fn config(&self) -> anyhow::Result<crate::config::Config> {
+        let mut c = crate::config::Config::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(a) = self.addr {
+            c.server.addr = a;
+        }
+        if let Some(n) = self.concurrency {
+            c.server.concurrency = Some(n);
+        }
+        if let Some(n) = self.queue {
+            c.server.queue = Some(n);
+        }
+        if let Some(s) = self.max_message_size {
+            c.server.max_message_size = s;
+        }
+        if let Some(g) = self.grace_period {
+            c.server.grace_period = g;
+        }
+        c.check()?;
+        Ok(c)
+    }
+
     async fn execute(self, mut global: GlobalArgs) -> anyhow::Result<()> {
-        let file: ServeConfig = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("failed to read config `{}`", path.display()))?;
-                toml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("config `{}`: {}", path.display(), e.to_string().trim_end())
-                })?
-            }
-            None => ServeConfig::default(),
-        };
-        global.work_root = global.work_root.or(file.work_root);
-        global.cache_dir = global.cache_dir.or(file.cache_dir);
-        global.policies_dir = global.policies_dir.or(file.policies_dir);
-        global.python_component = global.python_component.or(file.python_component);
+        let config = self.config()?;
+        global.work_root = global.work_root.or(config.work_root.clone());
+        global.cache_dir = global.cache_dir.or(config.cache_dir.clone());
+        global.policies_dir = global.policies_dir.or(config.policies_dir.clone());
+        global.python_component = global.python_component.or(config.python_component.clone());
         let mut options = crate::server::ServerOptions::default();
-        if let Some(n) = self.concurrency.or(file.concurrency) {
+        if let Some(n) = config.server.concurrency {
             options.concurrency = n;
         }
-        if let Some(n) = self.queue.or(file.queue) {
+        if let Some(n) = config.server.queue {
             options.queue = n;
         }
-        if let Some(s) = self.max_message_size.or(file.max_message_size) {
-            options.max_message_bytes = usize::try_from(s.0).unwrap_or(usize::MAX);
+        options.max_message_bytes =
+            usize::try_from(config.server.max_message_size.0).unwrap_or(usize::MAX);
+        options.grace = config.server.grace_period.0;
+        options.model = config.model.clone();
+        options.tls = config.tls.clone();
+        options.tenants =
+            std::sync::Arc::new(crate::tenancy::Tenants::from_config(&config.tenants)?);
+        let addr = config.server.addr;
+        if !options.tenants.required() {
+            if addr.ip().is_loopback() {
+                tracing::info!("no tenants configured: serving unauthenticated on loopback");
+            } else {
+                tracing::warn!(%addr, "serving WITHOUT authentication on a non-loopback address (server.allow_unauthenticated = true)");
+                eprintln!(
+                    "stepbox: warning: serving without authentication on {addr}: anyone who can connect may run code"
+                );
+            }
         }
-        if let Some(g) = self.grace_period.or(file.grace_period) {
-            options.grace = g.0;
-        }
-        if let Some(m) = file.model {
-            options.model = m;
-        }
-        let addr = self
-            .addr
-            .or(file.addr)
-            .unwrap_or_else(|| ([127, 0, 0, 1], 50051).into());
 
         let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
         if let Err(e) = executor.warm_up().await {
             tracing::warn!(error = %e, "the python runtime is not ready; python jobs will be refused");
+        }
+        if let Some(m) = &config.metrics {
+            let listener = tokio::net::TcpListener::bind(m.addr)
+                .await
+                .with_context(|| format!("failed to listen for metrics on {}", m.addr))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            tokio::spawn(crate::metrics::serve_metrics(
+                options.metrics.clone(),
+                listener,
+            ));
         }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -778,7 +842,7 @@ impl ServeArgs {
             writeln!(out, "listening on {local}")?;
             out.flush()?;
         }
-        tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, "serving");
+        tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, tls = options.tls.is_some(), "serving");
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -27,12 +27,14 @@
 
 pub mod checks;
 pub mod cli;
+pub mod config;
 pub mod conversation;
 pub mod engine;
 pub mod generate;
 pub mod jobdir;
 pub mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod outcome;
 pub mod outputs;
 pub mod pipe;
@@ -41,6 +43,7 @@ pub mod request;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod tenancy;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -23,9 +23,11 @@ use crate::generate::{
     Verdict,
 };
 use crate::limits::{ByteSize, LimitError, LimitKind, LimitOverrides, Limits, Millis};
+use crate::metrics::Metrics;
 use crate::outcome::{RunResult, Status as RunStatus};
 use crate::outputs::OutputKind;
 use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
+use crate::tenancy::{Tenant, Tenants};
 use crate::{Executor, OutputChunk, RunOptions, StreamKind};
 
 /// Generated protobuf and gRPC types for `stepbox.v1`.
@@ -53,6 +55,12 @@ pub struct ServerOptions {
     pub grace: Duration,
     /// The model `GenerateStep` asks.
     pub model: crate::generate::ModelConfig,
+    /// Who may call (default: anyone, as the tenant `local`).
+    pub tenants: Arc<Tenants>,
+    /// Where runs are counted.
+    pub metrics: Arc<Metrics>,
+    /// TLS for the listener.
+    pub tls: Option<crate::config::TlsSection>,
 }
 
 impl Default for ServerOptions {
@@ -64,6 +72,9 @@ impl Default for ServerOptions {
             max_message_bytes: 64 << 20,
             grace: Duration::from_secs(10),
             model: crate::generate::ModelConfig::default(),
+            tenants: Arc::new(Tenants::default()),
+            metrics: Arc::new(Metrics::new()),
+            tls: None,
         }
     }
 }
@@ -103,6 +114,7 @@ impl Admission {
 /// The `StepExecutor` implementation.
 #[derive(Debug, Clone)]
 pub struct StepService {
+    metrics: Arc<Metrics>,
     executor: Arc<Executor>,
     generator: Arc<Generator>,
     admission: Arc<Admission>,
@@ -459,6 +471,18 @@ pub fn response_from(
     }
 }
 
+/// The tenant the auth interceptor attached (anonymous when the service runs without one).
+fn tenant_of<T>(req: &Request<T>) -> Arc<Tenant> {
+    req.extensions()
+        .get::<Arc<Tenant>>()
+        .cloned()
+        .unwrap_or_else(|| {
+            Tenants::default()
+                .authenticate(req.metadata())
+                .expect("the anonymous tenant always authenticates")
+        })
+}
+
 /// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
 fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -491,6 +515,7 @@ impl StepService {
     ) -> Result<StepService, GenerateError> {
         let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
         Ok(StepService {
+            metrics: options.metrics.clone(),
             generator: Arc::new(
                 Generator::new(executor.clone(), options.model.clone())?.with_slots(slots.clone()),
             ),
@@ -504,16 +529,37 @@ impl StepService {
         })
     }
 
+    /// The tenant's policy check, rate limit and quota, then the server's admission.
+    fn admit(
+        &self,
+        tenant: &Tenant,
+        policy: &str,
+    ) -> Result<(crate::tenancy::TenantTicket, Ticket), Status> {
+        tenant
+            .check_policy(policy)
+            .inspect_err(|_| self.metrics.reject("policy_denied"))?;
+        let t = tenant
+            .admit()
+            .inspect_err(|_| self.metrics.reject("tenant_limit"))?;
+        let a = self
+            .admission
+            .admit()
+            .inspect_err(|_| self.metrics.reject("queue_full"))?;
+        Ok((t, a))
+    }
+
     /// Admits, waits for a slot, runs, with deadline and shutdown cancellation.
     async fn execute(
         &self,
+        tenant: Arc<Tenant>,
         job: StepJob,
         checks: Vec<Check>,
         deadline: Option<Duration>,
         listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
     ) -> Result<pb::RunStepResponse, Status> {
         let runtime = job.runtime;
-        let ticket = self.admission.admit()?;
+        let (_tenant_ticket, ticket) = self.admit(&tenant, &job.policy)?;
+        let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
         let work = async {
             let _slot = self
@@ -528,6 +574,7 @@ impl StepService {
                 .run_checked(job, &checks, RunOptions { listener })
                 .await
                 .map_err(|e| status_of(e, Some(runtime)))?;
+            self.metrics.record_run(&tenant.name, &result, queue_wait);
             Ok(response_from(result, verdicts, queue_wait))
         };
         let mut cancel = self.cancel.clone();
@@ -664,8 +711,9 @@ impl StepExecutor for StepService {
         request: Request<pb::RunStepRequest>,
     ) -> Result<Response<pb::RunStepResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let tenant = tenant_of(&request);
         let (job, checks) = job_from_request(request.into_inner())?;
-        self.execute(job, checks, deadline, None)
+        self.execute(tenant, job, checks, deadline, None)
             .await
             .map(Response::new)
     }
@@ -677,8 +725,10 @@ impl StepExecutor for StepService {
         request: Request<pb::RunStepRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let deadline = grpc_timeout(&request);
+        let tenant = tenant_of(&request);
         let (job, checks) = job_from_request(request.into_inner())?;
-        // Refuse at once when full, rather than after opening the stream.
+        // Refuse at once when not allowed or full, rather than after opening the stream.
+        tenant.check_policy(&job.policy)?;
         drop(self.admission.admit()?);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunStepEvent, Status>>(64);
         let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
@@ -706,7 +756,7 @@ impl StepExecutor for StepService {
                     }
                 }
             };
-            let run = service.execute(job, checks, deadline, Some(chunk_tx));
+            let run = service.execute(tenant, job, checks, deadline, Some(chunk_tx));
             let closed = tx.closed();
             // A client that goes away cancels the job: dropping `run` stops the guest.
             let result = tokio::select! {
@@ -728,17 +778,18 @@ impl StepExecutor for StepService {
         request: Request<pb::GenerateStepRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(&request);
+        let tenant = tenant_of(&request);
         let mut req = generate_request_from(request.into_inner())?;
         if let Some(d) = deadline {
             req.deadline = req.deadline.min(our_deadline(d));
         }
-        let ticket = self.admission.admit()?;
+        let (tenant_ticket, ticket) = self.admit(&tenant, &req.policy)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::GenerateStepEvent, Status>>(64);
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<GenerateEvent>();
         let generator = self.generator.clone();
         let mut cancel = self.cancel.clone();
         tokio::spawn(async move {
-            let _ticket = ticket;
+            let _tickets = (tenant_ticket, ticket);
             let forward = {
                 let tx = tx.clone();
                 async move {
@@ -797,6 +848,8 @@ impl StepExecutor for StepService {
         &self,
         request: Request<pb::ImportConversationRequest>,
     ) -> Result<Response<pb::ImportConversationResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let (_tenant_ticket, _ticket) = self.admit(&tenant, "")?;
         let req = request.into_inner();
         let select = (!req.select.is_empty()).then_some(req.select.as_str());
         let imported = crate::conversation::import(&self.executor, &req.conversation, select)
@@ -897,6 +950,26 @@ impl StepExecutor for StepService {
     }
 }
 
+/// Reads the certificate, key and optional client CA into a tonic TLS config.
+fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use anyhow::Context as _;
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("failed to read TLS {what} `{}`", p.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&tls.cert, "certificate")?,
+        read(&tls.key, "key")?,
+    );
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            ca,
+            "client CA",
+        )?));
+    }
+    Ok(config)
+}
+
 /// Serves `executor` on `listener` until `shutdown` resolves; then stops accepting, waits up to
 /// the grace period for in-flight jobs, and cancels the rest.
 pub async fn serve(
@@ -920,6 +993,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let grace = options.grace;
+    let tenants = options.tenants.clone();
+    let auth_metrics = options.metrics.clone();
+    let authenticate = move |mut req: Request<()>| -> Result<Request<()>, Status> {
+        let tenant = tenants
+            .authenticate(req.metadata())
+            .inspect_err(|_| auth_metrics.reject("unauthenticated"))?;
+        req.extensions_mut().insert(tenant);
+        Ok(req)
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(load_tls(tls)?)?;
+    }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -943,15 +1029,16 @@ pub async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             StepExecutorServer::new(service)
                 .max_decoding_message_size(options.max_message_bytes)
                 .max_encoding_message_size(usize::MAX),
-        )
+            authenticate,
+        ))
         .serve_with_incoming_shutdown(incoming, signal)
         .await?;
     Ok(())

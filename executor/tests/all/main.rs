@@ -13,5 +13,6 @@ mod generate;
 mod grpc;
 mod limits;
 mod manifest;
+mod platform;
 mod python;
 mod wasm;

@@ -1,0 +1,388 @@
+//! `stepbox.toml`: one file for the server, every key overridable by a `STEPBOX_*` variable.
+//!
+//! Defaults serve a single user on loopback with no setup at all. Unknown keys are errors naming
+//! the key (in the file or in the variable). Overrides: `STEPBOX_<KEY>` for top-level keys
+//! (`STEPBOX_WORK_ROOT`), `STEPBOX_<SECTION>_<KEY>` for sections (`STEPBOX_SERVER_ADDR`,
+//! `STEPBOX_METRICS_ADDR`, `STEPBOX_MODEL_BASE_URL`); values are parsed as TOML, else taken as
+//! strings. `STEPBOX_CONFIG` (the file), `STEPBOX_LOG` (the log filter) and `STEPBOX_MODEL` (the
+//! default model name) keep their own meanings. Tenants come from the file only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::generate::ModelConfig;
+use crate::limits::{ByteSize, Millis};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Parent of job directories (default: `stepbox-work` under the temp dir).
+    pub work_root: Option<PathBuf>,
+    /// Compiled-artifact cache (default: `$XDG_CACHE_HOME/stepbox`).
+    pub cache_dir: Option<PathBuf>,
+    /// Policies directory (default: the embedded policies).
+    pub policies_dir: Option<PathBuf>,
+    /// The Python runtime component (default: searched next to the binary).
+    pub python_component: Option<PathBuf>,
+    /// The gRPC listener and its bounds.
+    pub server: ServerSection,
+    /// TLS for the gRPC listener (off when absent).
+    pub tls: Option<TlsSection>,
+    /// Prometheus metrics (off when absent).
+    pub metrics: Option<MetricsSection>,
+    /// Logging.
+    pub log: LogSection,
+    /// The model `GenerateStep` asks.
+    pub model: ModelConfig,
+    /// Who may call, and within which quotas. None: no authentication (loopback only, unless
+    /// `server.allow_unauthenticated`).
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Jobs that run at once (default: the number of cores).
+    pub concurrency: Option<usize>,
+    /// Jobs that may wait (default: 4 x cores).
+    pub queue: Option<usize>,
+    /// Largest request.
+    pub max_message_size: ByteSize,
+    /// How long in-flight jobs may finish after SIGTERM/SIGINT.
+    pub grace_period: Millis,
+    /// Serve a non-loopback address without tenants (anyone who can connect may run code).
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            addr: ([127, 0, 0, 1], 50051).into(),
+            concurrency: None,
+            queue: None,
+            max_message_size: ByteSize(64 << 20),
+            grace_period: Millis(std::time::Duration::from_secs(10)),
+            allow_unauthenticated: false,
+        }
+    }
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9090`.
+    pub addr: SocketAddr,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `stepbox=info` (`STEPBOX_LOG` wins).
+    pub filter: Option<String>,
+}
+
+/// `[[tenants]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's name (in logs and metrics).
+    pub name: String,
+    /// sha256 of each bearer token, as `sha256:<64 hex>` (`stepbox config hash-token` makes one).
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// A file of plain bearer tokens, one per line (e.g. a mounted Kubernetes Secret); they are
+    /// hashed at load and never logged.
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// Policies the tenant may use; empty: all.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Jobs the tenant may run at once; 0: no quota beyond the server's.
+    #[serde(default)]
+    pub concurrency: usize,
+    /// Requests per second, sustained; 0: no rate limit.
+    #[serde(default)]
+    pub rate_per_second: f64,
+    /// Requests allowed in a burst above the rate (default: the rate, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// The variables that are not overrides.
+const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
+const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model"];
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the defaults) and applies `vars` (usually `std::env::vars()`).
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("failed to read config `{}`", p.display()))?;
+                let t: toml::Table = toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("config `{}`: {}", p.display(), e.to_string().trim_end())
+                })?;
+                // Deserialize once now so unknown keys are reported against the file.
+                Config::deserialize(toml::Value::Table(t.clone())).map_err(|e| {
+                    anyhow::anyhow!("config `{}`: {}", p.display(), e.to_string().trim_end())
+                })?;
+                t
+            }
+            None => toml::Table::new(),
+        };
+        let mut vars: Vec<_> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("STEPBOX_") && !RESERVED.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            let rest = var["STEPBOX_".len()..].to_ascii_lowercase();
+            let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
+            {
+                Some(s) => (Some(*s), rest[s.len() + 1..].to_string()),
+                None => (None, rest),
+            };
+            let value = parse_env_value(&raw);
+            let target = match section {
+                Some(s) => table
+                    .entry(s)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .with_context(|| format!("{var}: `{s}` in the config file is not a table"))?,
+                None => &mut table,
+            };
+            target.insert(key, value);
+            Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                anyhow::anyhow!("environment variable {var}: {}", e.to_string().trim_end())
+            })?;
+        }
+        let config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: token formats, tenant names, the unauthenticated-bind rule.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                bail!(
+                    "tenants[{i}].name must be non-empty and unique (got {:?})",
+                    t.name
+                );
+            }
+            for (j, tok) in t.tokens.iter().enumerate() {
+                let hex = tok.strip_prefix("sha256:").unwrap_or_default();
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    bail!(
+                        "tenants[{i}].tokens[{j}] must be `sha256:` and 64 hex digits (make one with `stepbox config hash-token`); never put a plain token in the config"
+                    );
+                }
+            }
+            if t.tokens.is_empty() && t.tokens_file.is_none() {
+                bail!(
+                    "tenants[{i}] (`{}`) has no `tokens` or `tokens_file`: nobody could authenticate as it",
+                    t.name
+                );
+            }
+            if t.rate_per_second < 0.0 || !t.rate_per_second.is_finite() {
+                bail!("tenants[{i}].rate_per_second must be a non-negative number");
+            }
+        }
+        if self.tenants.is_empty()
+            && !self.server.addr.ip().is_loopback()
+            && !self.server.allow_unauthenticated
+        {
+            bail!(
+                "refusing to serve {} without authentication: configure [[tenants]] with tokens, or set \
+                 server.allow_unauthenticated = true if the network is trusted",
+                self.server.addr
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with token hashes and token files masked.
+    pub fn masked_toml(&self) -> String {
+        let mut c = self.clone();
+        for t in &mut c.tenants {
+            let n = t.tokens.len();
+            t.tokens = if n == 0 {
+                Vec::new()
+            } else {
+                vec![format!("<{n} hashed token(s)>")]
+            };
+        }
+        let mut out = toml::to_string_pretty(&c).unwrap_or_default();
+        out.push_str(&format!(
+            "# model API key: read from ${} ({})\n",
+            c.model.api_key_env,
+            if std::env::var(&c.model.api_key_env).is_ok_and(|v| !v.is_empty()) {
+                "set, not shown"
+            } else {
+                "not set"
+            }
+        ));
+        out
+    }
+}
+
+/// `sha256:<hex>` of a bearer token, as tenants' `tokens` hold them.
+pub fn hash_token(token: &str) -> String {
+    format!(
+        "sha256:{}",
+        crate::engine::sha256_hex(token.trim().as_bytes())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_serve_loopback_without_setup() {
+        let c = Config::load(None, vars(&[])).unwrap();
+        assert_eq!(c.server.addr.to_string(), "127.0.0.1:50051");
+        assert!(c.tenants.is_empty() && c.tls.is_none() && c.metrics.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_every_key_and_unknown_ones_are_named() {
+        let c = Config::load(
+            None,
+            vars(&[
+                ("STEPBOX_SERVER_ADDR", "127.0.0.1:6000"),
+                ("STEPBOX_SERVER_CONCURRENCY", "3"),
+                ("STEPBOX_METRICS_ADDR", "127.0.0.1:9100"),
+                ("STEPBOX_WORK_ROOT", "/var/lib/stepbox"),
+                ("STEPBOX_MODEL_BASE_URL", "http://127.0.0.1:8080/v1"),
+                ("STEPBOX_LOG_FORMAT", "json"),
+                ("STEPBOX_MODEL", "not-an-override"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.addr.port(), 6000);
+        assert_eq!(c.server.concurrency, Some(3));
+        assert_eq!(c.metrics.unwrap().addr.port(), 9100);
+        assert_eq!(c.work_root.unwrap(), PathBuf::from("/var/lib/stepbox"));
+        assert_eq!(c.model.base_url, "http://127.0.0.1:8080/v1");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::load(None, vars(&[("STEPBOX_SERVER_PORT", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("STEPBOX_SERVER_PORT") && e.contains("unknown field `port`"),
+            "{e}"
+        );
+        let e = Config::load(None, vars(&[("STEPBOX_WORKROOT", "/x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("STEPBOX_WORKROOT") && e.contains("workroot"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn files_are_checked_naming_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("stepbox.toml");
+        std::fs::write(&p, "[server]\nadress = \"0.0.0.0:1\"\n").unwrap();
+        let e = Config::load(Some(&p), vars(&[])).unwrap_err().to_string();
+        assert!(e.contains("stepbox.toml") && e.contains("adress"), "{e}");
+        std::fs::write(&p, "[server]\naddr = \"0.0.0.0:50051\"\n").unwrap();
+        let e = Config::load(Some(&p), vars(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("refusing to serve 0.0.0.0:50051 without authentication"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "[server]\naddr = \"0.0.0.0:50051\"\nallow_unauthenticated = true\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&p), vars(&[])).is_ok());
+        std::fs::write(&p, "[[tenants]]\nname = \"a\"\ntokens = [\"hunter2\"]\n").unwrap();
+        let e = Config::load(Some(&p), vars(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("tenants[0].tokens[0]") && e.contains("never put a plain token"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let c = Config {
+            tenants: vec![TenantConfig {
+                name: "acme".into(),
+                tokens: vec![hash_token("s3cret")],
+                tokens_file: None,
+                policies: vec![],
+                concurrency: 0,
+                rate_per_second: 0.0,
+                burst: None,
+            }],
+            ..Config::default()
+        };
+        let shown = c.masked_toml();
+        assert!(
+            !shown.contains(&hash_token("s3cret")[7..]) && shown.contains("<1 hashed token(s)>"),
+            "{shown}"
+        );
+    }
+}

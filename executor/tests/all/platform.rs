@@ -1,0 +1,319 @@
+//! Operating on a shared network: tenants and quotas, metrics, TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stepbox::config::{TenantConfig, TlsSection, hash_token};
+use stepbox::metrics::{Metrics, serve_metrics};
+use stepbox::server::pb::step_executor_client::StepExecutorClient;
+use stepbox::server::pb::{self, RunStepRequest, Step};
+use stepbox::server::{ServerOptions, serve};
+use stepbox::tenancy::Tenants;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_types::StatusExt;
+
+use crate::common::*;
+
+fn python(source: &str, policy: &str) -> RunStepRequest {
+    RunStepRequest {
+        step: Some(Step {
+            runtime: "python".into(),
+            source: source.into(),
+            ..Default::default()
+        }),
+        policy: policy.into(),
+        ..Default::default()
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+async fn start(
+    options: ServerOptions,
+    tls: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tempfile::TempDir,
+) {
+    let work = tempfile::tempdir().unwrap();
+    let exec = Arc::new(new_executor(work.path()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(exec, listener, options, async {
+        let _ = rx.await;
+    }));
+    if !tls {
+        // Wait until it accepts.
+        for _ in 0..50 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (addr, tx, work)
+}
+
+#[tokio::test]
+async fn tenants_authenticate_and_stay_within_policies_quotas_and_rates() {
+    let tenants = Tenants::from_config(&[
+        TenantConfig {
+            name: "acme".into(),
+            tokens: vec![hash_token("acme-token")],
+            tokens_file: None,
+            policies: vec!["default".into()],
+            concurrency: 1,
+            rate_per_second: 0.0,
+            burst: None,
+        },
+        TenantConfig {
+            name: "slow".into(),
+            tokens: vec![hash_token("slow-token")],
+            tokens_file: None,
+            policies: vec![],
+            concurrency: 0,
+            rate_per_second: 0.5,
+            burst: Some(1),
+        },
+    ])
+    .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (addr, stop, _work) = start(
+        ServerOptions {
+            tenants: Arc::new(tenants),
+            metrics: metrics.clone(),
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let mut c = StepExecutorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let e = c.run_step(python("print(1)", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    let e = c
+        .run_step(authed(python("print(1)", ""), "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let r = c
+        .run_step(authed(python("print('hi')", ""), "acme-token"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout, b"hi\n");
+    let e = c
+        .run_step(authed(python("print(1)", "heavy"), "acme-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            "tenant `acme` may not use policy `heavy` (allowed: default)"
+        )
+    );
+
+    // acme's quota is one job at a time.
+    let mut c2 = c.clone();
+    let slow = tokio::spawn(async move {
+        c2.run_step(authed(
+            python("import time\ntime.sleep(1)", ""),
+            "acme-token",
+        ))
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = c
+        .run_step(authed(python("print(1)", ""), "acme-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("quota of 1 jobs"), "{}", e.message());
+    slow.await.unwrap().unwrap();
+
+    // slow's rate is one request per two seconds: the second is refused with retry info.
+    c.run_step(authed(python("print(1)", ""), "slow-token"))
+        .await
+        .unwrap();
+    let e = c
+        .run_step(authed(python("print(1)", ""), "slow-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let retry = e
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry info");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(2),
+        "{retry:?}"
+    );
+
+    // Health stays open for probes.
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    assert!(
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new()
+            })
+            .await
+            .is_ok()
+    );
+
+    let text = metrics.encode();
+    assert!(
+        text.contains(r#"stepbox_rejected_total{reason="unauthenticated"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"stepbox_rejected_total{reason="policy_denied"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"tenant="acme",status="SUCCEEDED"} 2"#),
+        "{text}"
+    );
+    let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn metrics_are_served_over_http() {
+    let metrics = Arc::new(Metrics::new());
+    let (addr, stop, _work) = start(
+        ServerOptions {
+            metrics: metrics.clone(),
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let mut c = StepExecutorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.run_step(python("print(1)", "")).await.unwrap();
+    let mut limited = python("while True: pass", "");
+    limited.limits = Some(pb::Limits {
+        wall_time_ms: 100,
+        ..Default::default()
+    });
+    assert_eq!(
+        c.run_step(limited).await.unwrap().into_inner().status(),
+        pb::Status::TimedOut
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let maddr = listener.local_addr().unwrap();
+    tokio::spawn(serve_metrics(metrics, listener));
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(maddr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for want in [
+        r#"stepbox_runs_total{runtime="python",policy="default",tenant="local",status="SUCCEEDED"} 1"#,
+        r#"stepbox_runs_total{runtime="python",policy="default",tenant="local",status="TIMED_OUT"} 1"#,
+        r#"stepbox_limit_hits_total{kind="wall_time"} 1"#,
+        "stepbox_run_duration_seconds_bucket",
+        "stepbox_queue_wait_seconds_count 2",
+        "stepbox_in_flight_jobs 0",
+        r#"stepbox_compile_cache_total{source="memory"}"#,
+    ] {
+        assert!(body.contains(want), "missing {want} in\n{body}");
+    }
+    let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(vec!["localhost".into()]);
+    let (client_cert, client_key) = issue(vec!["client".into()]);
+    let d = tempfile::tempdir().unwrap();
+    let w = |n: &str, s: &str| {
+        std::fs::write(d.path().join(n), s).unwrap();
+        d.path().join(n)
+    };
+    let tls = TlsSection {
+        cert: w("s.crt", &server_cert),
+        key: w("s.key", &server_key),
+        client_ca: Some(w("ca.crt", &ca.pem())),
+    };
+    let (addr, stop, _work) = start(
+        ServerOptions {
+            tls: Some(tls),
+            ..ServerOptions::default()
+        },
+        true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let connect = |identity: bool| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca.pem()))
+            .domain_name("localhost");
+        if identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &client_cert,
+                &client_key,
+            ));
+        }
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap();
+        async move { endpoint.connect().await }
+    };
+    let channel: Channel = connect(true).await.expect("mutual TLS connects");
+    let r = StepExecutorClient::new(channel)
+        .run_step(python("print('over tls')", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout, b"over tls\n");
+    // Without a client certificate the handshake or the first call fails.
+    match connect(false).await {
+        Err(_) => {}
+        Ok(ch) => assert!(
+            StepExecutorClient::new(ch)
+                .run_step(python("print(1)", ""))
+                .await
+                .is_err()
+        ),
+    }
+    let _ = stop.send(());
+}

@@ -566,6 +566,27 @@ impl PolicyCommand {
     }
 }
 
+/// Reads the inputs of `--input-dir` (relative paths kept) and of each `--input` (by file name).
+fn read_inputs(dir: Option<&Path>, files: &[PathBuf]) -> anyhow::Result<Vec<InputFile>> {
+    let mut inputs = match dir {
+        Some(d) => read_input_dir(d)?,
+        None => Vec::new(),
+    };
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
+        let content = std::fs::read(path)
+            .with_context(|| format!("failed to read input `{}`", path.display()))?;
+        inputs.push(InputFile {
+            path: name.to_string(),
+            content: content.into(),
+        });
+    }
+    Ok(inputs)
+}
+
 /// Reads every regular file under `dir` (symlinks are refused, not followed) with relative paths.
 fn read_input_dir(dir: &Path) -> anyhow::Result<Vec<InputFile>> {
     let mut files = Vec::new();
@@ -632,21 +653,7 @@ impl RunArgs {
             limits.set_pair(pair).map_err(anyhow::Error::msg)?;
         }
         job.limits = limits;
-        if let Some(dir) = &self.input_dir {
-            job.inputs = read_input_dir(dir)?;
-        }
-        for path in &self.inputs {
-            let name = path
-                .file_name()
-                .and_then(|f| f.to_str())
-                .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
-            let content = std::fs::read(path)
-                .with_context(|| format!("failed to read input `{}`", path.display()))?;
-            job.inputs.push(InputFile {
-                path: name.to_string(),
-                content: content.into(),
-            });
-        }
+        job.inputs = read_inputs(self.input_dir.as_deref(), &self.inputs)?;
         if let Some(stdin) = &self.stdin {
             job.stdin = std::fs::read(stdin)
                 .with_context(|| format!("failed to read stdin file `{}`", stdin.display()))?
@@ -863,21 +870,7 @@ impl GenerateArgs {
         let requirements = String::from_utf8(text_or_file(&self.requirements)?)
             .context("the requirements are not UTF-8")?;
         let mut req = GenerateRequest::new(requirements);
-        if let Some(dir) = &self.input_dir {
-            req.inputs = read_input_dir(dir)?;
-        }
-        for path in &self.inputs {
-            let name = path
-                .file_name()
-                .and_then(|f| f.to_str())
-                .with_context(|| format!("input `{}` has no UTF-8 file name", path.display()))?;
-            let content = std::fs::read(path)
-                .with_context(|| format!("failed to read input `{}`", path.display()))?;
-            req.inputs.push(InputFile {
-                path: name.to_string(),
-                content: content.into(),
-            });
-        }
+        req.inputs = read_inputs(self.input_dir.as_deref(), &self.inputs)?;
         req.checks = self.checks.checks()?;
         req.max_attempts = self.max_attempts;
         req.deadline = self.deadline.0;
@@ -1115,18 +1108,7 @@ impl ImportArgs {
         req.layout = Layout::MntData;
         req.max_attempts = self.max_attempts;
         req.checks = imported.recorded_checks();
-        for path in &self.inputs {
-            let name = path
-                .file_name()
-                .and_then(|f| f.to_str())
-                .context("an --input has no UTF-8 file name")?;
-            let content = std::fs::read(path)
-                .with_context(|| format!("failed to read input `{}`", path.display()))?;
-            req.inputs.push(InputFile {
-                path: name.to_string(),
-                content: content.into(),
-            });
-        }
+        req.inputs = read_inputs(None, &self.inputs)?;
         let generator = Generator::new(executor.clone(), self.model.config())?;
         eprintln!(
             "stepbox: porting away from {} with {}",

@@ -197,6 +197,19 @@ fn limits_to(l: &Limits) -> pb::Limits {
     }
 }
 
+fn layout_from(value: i32, field: &str) -> Result<Layout, Status> {
+    match pb::FileLayout::try_from(value) {
+        Ok(pb::FileLayout::Unspecified | pb::FileLayout::InputOutput) => Ok(Layout::InputOutput),
+        Ok(pb::FileLayout::MntData) => Ok(Layout::MntData),
+        Err(_) => Err(bad(
+            field,
+            format!(
+                "unknown layout value {value}: expected FILE_LAYOUT_INPUT_OUTPUT or FILE_LAYOUT_MNT_DATA"
+            ),
+        )),
+    }
+}
+
 /// Converts a `Step` (for the job or a verifier) into a job without inputs.
 fn job_from_step(step: Option<pb::Step>, field: &str) -> Result<StepJob, Status> {
     let step = step.ok_or_else(|| bad(field, "is required"))?;
@@ -234,16 +247,7 @@ fn job_from_step(step: Option<pb::Step>, field: &str) -> Result<StepJob, Status>
             }
         },
     };
-    let layout = match pb::FileLayout::try_from(step.layout) {
-        Ok(pb::FileLayout::Unspecified | pb::FileLayout::InputOutput) => Layout::InputOutput,
-        Ok(pb::FileLayout::MntData) => Layout::MntData,
-        Err(_) => {
-            return Err(bad(
-                &format!("{field}.layout"),
-                format!("unknown layout value {}", step.layout),
-            ));
-        }
-    };
+    let layout = layout_from(step.layout, &format!("{field}.layout"))?;
     let mut job = StepJob::new(runtime, program);
     job.layout = layout;
     job.filename = (!step.filename.is_empty()).then_some(step.filename);
@@ -662,16 +666,7 @@ pub fn generate_request_from(req: pb::GenerateStepRequest) -> Result<GenerateReq
     if !req.runtime.is_empty() {
         g.runtime = req.runtime.parse().map_err(|e| bad("runtime", e))?;
     }
-    g.layout = match pb::FileLayout::try_from(req.layout) {
-        Ok(pb::FileLayout::Unspecified | pb::FileLayout::InputOutput) => Layout::InputOutput,
-        Ok(pb::FileLayout::MntData) => Layout::MntData,
-        Err(_) => {
-            return Err(bad(
-                "layout",
-                format!("unknown layout value {}", req.layout),
-            ));
-        }
-    };
+    g.layout = layout_from(req.layout, "layout")?;
     g.inputs = req
         .inputs
         .into_iter()

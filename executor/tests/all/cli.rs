@@ -1,17 +1,13 @@
 //! The `stepbox` binary: pass-through output, exit codes per status, JSON, output files, errors.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::common::*;
 
 fn stepbox(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stepbox"))
+    stepbox_command(dir)
         .args(args)
-        .current_dir(dir)
-        .env("STEPBOX_CACHE_DIR", cache_dir())
-        .env("STEPBOX_PYTHON_COMPONENT", python_component())
-        .env("STEPBOX_WORK_ROOT", dir.join("work"))
         .output()
         .expect("stepbox runs")
 }
@@ -215,7 +211,7 @@ async fn generate_writes_the_verified_program_and_reports_progress() {
     let url = model.base_url.clone();
     let dir = d.path().to_path_buf();
     let o = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_stepbox"))
+        stepbox_command(&dir)
             .args([
                 "generate",
                 "--requirements",
@@ -233,11 +229,7 @@ async fn generate_writes_the_verified_program_and_reports_progress() {
                 "--model",
                 "m",
             ])
-            .current_dir(&dir)
             .env("OPENAI_BASE_URL", &url)
-            .env("STEPBOX_CACHE_DIR", cache_dir())
-            .env("STEPBOX_PYTHON_COMPONENT", python_component())
-            .env("STEPBOX_WORK_ROOT", dir.join("work"))
             .output()
             .unwrap()
     })

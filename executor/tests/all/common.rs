@@ -103,3 +103,13 @@ pub fn assert_status(r: &RunResult, status: Status) {
         r.usage
     );
 }
+
+/// The `stepbox` binary, run in `dir` with this suite's cache, component and a work root in `dir`.
+pub fn stepbox_command(dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_stepbox"));
+    c.current_dir(dir)
+        .env("STEPBOX_CACHE_DIR", cache_dir())
+        .env("STEPBOX_PYTHON_COMPONENT", python_component())
+        .env("STEPBOX_WORK_ROOT", dir.join("work"));
+    c
+}

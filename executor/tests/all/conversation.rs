@@ -178,7 +178,7 @@ async fn porting_with_a_model_replaces_pandas_and_is_verified_on_the_inputs() {
     let url = model.base_url.clone();
     let dir = d.path().to_path_buf();
     let o = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_stepbox"))
+        stepbox_command(&dir)
             .arg("import")
             .arg(fixture("conversations.json"))
             .args([
@@ -190,11 +190,7 @@ async fn porting_with_a_model_replaces_pandas_and_is_verified_on_the_inputs() {
                 "-o",
                 "ported.py",
             ])
-            .current_dir(&dir)
             .env("OPENAI_BASE_URL", &url)
-            .env("STEPBOX_CACHE_DIR", cache_dir())
-            .env("STEPBOX_PYTHON_COMPONENT", python_component())
-            .env("STEPBOX_WORK_ROOT", dir.join("work"))
             .output()
             .unwrap()
     })
@@ -230,16 +226,7 @@ async fn porting_with_a_model_replaces_pandas_and_is_verified_on_the_inputs() {
 fn cli_import_summarises_and_run_from_conversation_runs() {
     let d = tempfile::tempdir().unwrap();
     std::fs::copy(fixture("bulk_edit.csv"), d.path().join("bulk_edit.csv")).unwrap();
-    let stepbox = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_stepbox"))
-            .args(args)
-            .current_dir(d.path())
-            .env("STEPBOX_CACHE_DIR", cache_dir())
-            .env("STEPBOX_PYTHON_COMPONENT", python_component())
-            .env("STEPBOX_WORK_ROOT", d.path().join("work"))
-            .output()
-            .unwrap()
-    };
+    let stepbox = |args: &[&str]| stepbox_command(d.path()).args(args).output().unwrap();
     let page = fixture("bulk-edit-validator.share.html");
     let page = page.to_str().unwrap();
     let o = stepbox(&["import", page, "-o", "step.py"]);

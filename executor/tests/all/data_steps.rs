@@ -50,7 +50,9 @@ fn native(step: &str, inputs: &[&str]) -> (String, BTreeMap<String, Vec<u8>>) {
 
 async fn sandboxed(step: &str, inputs: &[&str]) -> (String, BTreeMap<String, Vec<u8>>) {
     let mut job = py(&std::fs::read_to_string(steps_dir().join(step)).unwrap());
-    job.filename = Some(step.to_string());
+    job.filename = Path::new(step)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned());
     job.args = vec!["/input".into(), "/output".into()];
     job.inputs = inputs
         .iter()
@@ -90,7 +92,12 @@ async fn same_as_native(step: &str, inputs: &[&str]) -> String {
 
 #[tokio::test]
 async fn csv_validation_matches_native() {
-    let out = same_as_native("csv_validate.py", &["bulk_edit.csv"]).await;
+    // The quick-start example (examples/validate_bulk_edit.py) is this step.
+    let out = same_as_native(
+        "../../../examples/validate_bulk_edit.py",
+        &["bulk_edit.csv"],
+    )
+    .await;
     assert!(out.starts_with("8 rows checked, 9 problems\n"), "{out}");
 }
 

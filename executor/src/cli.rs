@@ -850,6 +850,16 @@ impl ServeArgs {
             out.flush()?;
         }
         tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, tls = options.tls.is_some(), "serving");
+        if options.tls.is_some() {
+            let reload = options.reload.clone();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the TLS certificate and key");
+                    reload.notify_one();
+                }
+            });
+        }
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

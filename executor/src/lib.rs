@@ -44,6 +44,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod tenancy;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;

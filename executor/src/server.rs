@@ -61,6 +61,8 @@ pub struct ServerOptions {
     pub metrics: Arc<Metrics>,
     /// TLS for the listener.
     pub tls: Option<crate::config::TlsSection>,
+    /// Notified to re-read the TLS files (SIGHUP in `stepbox serve`).
+    pub reload: Arc<tokio::sync::Notify>,
 }
 
 impl Default for ServerOptions {
@@ -75,6 +77,7 @@ impl Default for ServerOptions {
             tenants: Arc::new(Tenants::default()),
             metrics: Arc::new(Metrics::new()),
             tls: None,
+            reload: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -945,26 +948,6 @@ impl StepExecutor for StepService {
     }
 }
 
-/// Reads the certificate, key and optional client CA into a tonic TLS config.
-fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    use anyhow::Context as _;
-    let read = |p: &std::path::Path, what: &str| {
-        std::fs::read(p).with_context(|| format!("failed to read TLS {what} `{}`", p.display()))
-    };
-    let identity = tonic::transport::Identity::from_pem(
-        read(&tls.cert, "certificate")?,
-        read(&tls.key, "key")?,
-    );
-    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
-            ca,
-            "client CA",
-        )?));
-    }
-    Ok(config)
-}
-
 /// Serves `executor` on `listener` until `shutdown` resolves; then stops accepting, waits up to
 /// the grace period for in-flight jobs, and cancels the rest.
 pub async fn serve(
@@ -997,10 +980,26 @@ pub async fn serve(
         req.extensions_mut().insert(tenant);
         Ok(req)
     };
+    let tls = match &options.tls {
+        Some(section) => {
+            let tls = crate::tls::ReloadableTls::load(section)?;
+            let (reloader, reload) = (tls.clone(), options.reload.clone());
+            tokio::spawn(async move {
+                loop {
+                    reload.notified().await;
+                    match reloader.reload() {
+                        Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the previous certificate")
+                        }
+                    }
+                }
+            });
+            Some(tls)
+        }
+        None => None,
+    };
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &options.tls {
-        builder = builder.tls_config(load_tls(tls)?)?;
-    }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -1016,15 +1015,7 @@ pub async fn serve(
             let _ = cancel_tx.send(true);
         }
     });
-    // Small requests and responses: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add
-    // ~40 ms to every call on loopback.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    });
-    builder
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -1033,9 +1024,27 @@ pub async fn serve(
                 .max_decoding_message_size(options.max_message_bytes)
                 .max_encoding_message_size(usize::MAX),
             authenticate,
-        ))
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+        ));
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), signal)
+                .await?
+        }
+        None => {
+            // Small requests and responses: without TCP_NODELAY, Nagle's algorithm and delayed
+            // ACKs add ~40 ms to every call on loopback.
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                if let Ok(stream) = &conn {
+                    let _ = stream.set_nodelay(true);
+                }
+                conn
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await?
+        }
+    }
     Ok(())
 }
 

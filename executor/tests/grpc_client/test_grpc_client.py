@@ -124,7 +124,7 @@ class StepboxServer(unittest.TestCase):
         fd = descriptor_pb2.FileDescriptorProto.FromString(described.file_descriptor_response.file_descriptor_proto[0])
         self.assertEqual(fd.package, "stepbox.v1")
         methods = [m.name for m in fd.service[0].method]
-        self.assertEqual(methods, ["RunStep", "RunStepStream", "ListRuntimes", "ListPolicies"])
+        self.assertEqual(methods, ["RunStep", "RunStepStream", "ListRuntimes", "ListPolicies", "GenerateStep", "ImportConversation"])
 
 
 if __name__ == "__main__":

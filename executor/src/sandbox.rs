@@ -309,7 +309,7 @@ impl Run {
             .fuel
             .map(|f| f.saturating_sub(self.store.get_fuel().unwrap_or(0)));
         let state = self.store.into_data();
-        let limits_msg = |kind: &str| format!("{kind} exceeded its limit");
+        let limits = state.watch.limits();
 
         let (stdout_truncated, stderr_truncated) =
             (self.stdout.overflowed(), self.stderr.overflowed());
@@ -327,27 +327,19 @@ impl Run {
             (
                 Status::TimedOut,
                 format!(
-                    "the step ran past its wall-time limit of {:?}",
-                    state.watch_limits().wall_time
+                    "the step ran past its wall-time limit of {}",
+                    humantime::format_duration(limits.wall_time)
                 ),
             )
         } else if stdout_truncated {
             (
                 Status::OutputExceeded,
-                format!(
-                    "{} of {} bytes",
-                    limits_msg("stdout"),
-                    state.watch_limits().stdout_bytes
-                ),
+                format!("stdout exceeded its limit of {} bytes", limits.stdout_bytes),
             )
         } else if stderr_truncated {
             (
                 Status::OutputExceeded,
-                format!(
-                    "{} of {} bytes",
-                    limits_msg("stderr"),
-                    state.watch_limits().stderr_bytes
-                ),
+                format!("stderr exceeded its limit of {} bytes", limits.stderr_bytes),
             )
         } else if let Some(Stop::Disk(kind, msg)) = &state.stop {
             (
@@ -401,12 +393,6 @@ impl Run {
             peak_memory: state.limiter.peak,
             wall_time,
         }
-    }
-}
-
-impl StepState {
-    fn watch_limits(&self) -> &Limits {
-        self.watch.limits()
     }
 }
 

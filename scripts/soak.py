@@ -94,6 +94,12 @@ def main():
     t0 = time.monotonic()
     for t in threads:
         t.start()
+    samples = []
+    while any(t.is_alive() for t in threads):
+        time.sleep(1)
+        if time.monotonic() - t0 >= 30 * (len(samples) + 1):
+            samples.append(rss_kib(server.pid))
+            print(f"  {time.monotonic() - t0:5.0f} s: server RSS {samples[-1]} KiB", flush=True)
     for t in threads:
         t.join()
     took = time.monotonic() - t0

@@ -14,4 +14,5 @@ for target in request_validation policy_parsing conversation_import; do
     -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=4096 2>&1 \
     | grep -E "^#[0-9]+.*(DONE|pulse)|Done [0-9]+ runs|SUMMARY|ERROR|panicked|deadly signal" | tail -3
 done
-ls -1 artifacts/*/ 2>/dev/null | sed 's/^/finding: /' || true
+echo "findings: $(find artifacts -type f | wc -l)"
+find artifacts -type f | sed 's/^/finding: /'

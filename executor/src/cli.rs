@@ -412,6 +412,9 @@ impl ConfigCommand {
         match self {
             ConfigCommand::Check { config } => {
                 let c = crate::config::Config::load(config.as_deref(), std::env::vars())?;
+                for w in &c.warnings {
+                    eprintln!("stepbox: warning: {w}");
+                }
                 crate::tenancy::Tenants::from_config(&c.tenants)?;
                 if let Some(dir) = &c.policies_dir {
                     PolicySet::load_dir(dir)?;
@@ -796,6 +799,9 @@ impl ServeArgs {
 
     async fn execute(self, mut global: GlobalArgs) -> anyhow::Result<()> {
         let config = self.config()?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         global.work_root = global.work_root.or(config.work_root.clone());
         global.cache_dir = global.cache_dir.or(config.cache_dir.clone());
         global.policies_dir = global.policies_dir.or(config.policies_dir.clone());

@@ -41,6 +41,10 @@ pub struct Config {
     /// Who may call, and within which quotas. None: no authentication (loopback only, unless
     /// `server.allow_unauthenticated`).
     pub tenants: Vec<TenantConfig>,
+    /// `STEPBOX_*` variables that name no key (other tools share the prefix, so these are reported,
+    /// not fatal; a variable naming a known section with an unknown key is an error).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// `[server]`.
@@ -146,6 +150,7 @@ pub struct TenantConfig {
 /// The variables that are not overrides.
 const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
 const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model"];
+const TOP_LEVEL: &[&str] = &["work_root", "cache_dir", "policies_dir", "python_component"];
 
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
@@ -182,12 +187,21 @@ impl Config {
             .filter(|(k, _)| k.starts_with("STEPBOX_") && !RESERVED.contains(&k.as_str()))
             .collect();
         vars.sort();
+        let mut warnings = Vec::new();
         for (var, raw) in vars {
             let rest = var["STEPBOX_".len()..].to_ascii_lowercase();
             let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
             {
                 Some(s) => (Some(*s), rest[s.len() + 1..].to_string()),
-                None => (None, rest),
+                None if TOP_LEVEL.contains(&rest.as_str()) => (None, rest),
+                None => {
+                    warnings.push(format!(
+                        "environment variable {var} is not a configuration key (keys: STEPBOX_{{{}}} or STEPBOX_<{}>_<KEY>); ignored",
+                        TOP_LEVEL.join(",").to_ascii_uppercase(),
+                        SECTIONS.join("|").to_ascii_uppercase()
+                    ));
+                    continue;
+                }
             };
             let value = parse_env_value(&raw);
             let target = match section {
@@ -203,8 +217,9 @@ impl Config {
                 anyhow::anyhow!("environment variable {var}: {}", e.to_string().trim_end())
             })?;
         }
-        let config = Config::deserialize(toml::Value::Table(table))
+        let mut config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        config.warnings = warnings;
         config.check()?;
         Ok(config)
     }
@@ -329,13 +344,19 @@ mod tests {
             e.contains("STEPBOX_SERVER_PORT") && e.contains("unknown field `port`"),
             "{e}"
         );
-        let e = Config::load(None, vars(&[("STEPBOX_WORKROOT", "/x")]))
-            .unwrap_err()
-            .to_string();
+        // Other tools share the prefix: a variable that names no key is reported, not fatal.
+        let c = Config::load(
+            None,
+            vars(&[("STEPBOX_WORKROOT", "/x"), ("STEPBOX_BIN", "/bin/x")]),
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 2);
         assert!(
-            e.contains("STEPBOX_WORKROOT") && e.contains("workroot"),
-            "{e}"
+            c.warnings[0].contains("STEPBOX_BIN is not a configuration key"),
+            "{:?}",
+            c.warnings
         );
+        assert_eq!(c.work_root, None);
     }
 
     #[test]

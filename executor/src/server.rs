@@ -348,17 +348,20 @@ fn check_to(c: &Check) -> Option<pb::Check> {
     })
 }
 
-/// Converts a request into a job and its checks.
-pub fn job_from_request(req: pb::RunStepRequest) -> Result<(StepJob, Vec<Check>), Status> {
-    let mut job = job_from_step(req.step, "step")?;
-    job.inputs = req
-        .inputs
+fn inputs_from(files: Vec<pb::File>) -> Vec<InputFile> {
+    files
         .into_iter()
         .map(|f| InputFile {
             path: f.path,
             content: f.content.into(),
         })
-        .collect();
+        .collect()
+}
+
+/// Converts a request into a job and its checks.
+pub fn job_from_request(req: pb::RunStepRequest) -> Result<(StepJob, Vec<Check>), Status> {
+    let mut job = job_from_step(req.step, "step")?;
+    job.inputs = inputs_from(req.inputs);
     job.policy = req.policy;
     job.limits = limits_from(req.limits);
     job.stdin = req.stdin.into();
@@ -670,14 +673,7 @@ pub fn generate_request_from(req: pb::GenerateStepRequest) -> Result<GenerateReq
         g.runtime = req.runtime.parse().map_err(|e| bad("runtime", e))?;
     }
     g.layout = layout_from(req.layout, "layout")?;
-    g.inputs = req
-        .inputs
-        .into_iter()
-        .map(|f| InputFile {
-            path: f.path,
-            content: f.content.into(),
-        })
-        .collect();
+    g.inputs = inputs_from(req.inputs);
     g.checks = req
         .checks
         .into_iter()

@@ -493,6 +493,16 @@ fn tenant_of<T>(req: &Request<T>) -> Arc<Tenant> {
         })
 }
 
+/// Resolves once the shutdown grace period is over (the watch turns true); never if the sender is
+/// gone without having cancelled.
+async fn cancelled(mut cancel: watch::Receiver<bool>) {
+    while !*cancel.borrow_and_update() {
+        if cancel.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
 fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -587,14 +597,7 @@ impl StepService {
             self.metrics.record_run(&tenant.name, &result, queue_wait);
             Ok(response_from(result, verdicts, queue_wait))
         };
-        let mut cancel = self.cancel.clone();
-        let cancelled = async move {
-            while !*cancel.borrow_and_update() {
-                if cancel.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let cancelled = cancelled(self.cancel.clone());
         let deadline = deadline.map(our_deadline);
         let timer = async move {
             match deadline {
@@ -781,7 +784,7 @@ impl StepExecutor for StepService {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::GenerateStepEvent, Status>>(64);
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<GenerateEvent>();
         let generator = self.generator.clone();
-        let mut cancel = self.cancel.clone();
+        let cancel = self.cancel.clone();
         tokio::spawn(async move {
             let _tickets = (tenant_ticket, ticket);
             let forward = {
@@ -818,13 +821,7 @@ impl StepExecutor for StepService {
                 }
             };
             let work = async { tokio::join!(generator.generate(req, Some(ev_tx)), forward).0 };
-            let cancelled = async move {
-                while !*cancel.borrow_and_update() {
-                    if cancel.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-            };
+            let cancelled = cancelled(cancel);
             let closed = tx.closed();
             let last = tokio::select! {
                 r = work => r

@@ -15,8 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // google/protobuf/*.proto (Timestamp) ship with the vendored protoc.
+    let well_known = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("stepbox_descriptor.bin"))
-        .compile_protos(&["../proto/stepbox/v1/executor.proto"], &["../proto"])?;
+        .compile_protos(
+            &[PathBuf::from("../proto/stepbox/v1/executor.proto")],
+            &[PathBuf::from("../proto"), well_known],
+        )?;
     Ok(())
 }

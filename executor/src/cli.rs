@@ -482,20 +482,34 @@ impl GlobalArgs {
 }
 
 impl Cli {
-    /// Log format and filter: from the server's configuration for `serve` (`[log]`), else text.
-    pub fn log_settings(&self) -> (crate::config::LogFormat, Option<String>) {
-        match &self.command {
-            Command::Serve(args) => args
-                .config()
-                .map(|c| {
-                    (
-                        c.log.format,
-                        c.log.filter.or_else(|| Some("stepbox=info".into())),
-                    )
-                })
-                .unwrap_or_default(),
-            _ => Default::default(),
+    /// Logs and traces: `STEPBOX_LOG` wins as the filter; `serve` takes the format, filter and
+    /// trace export from its configuration (`[log]`, `[telemetry]`); other commands log text.
+    /// A configuration that does not load gives the defaults here; `serve` then reports it.
+    pub fn telemetry_settings(&self) -> crate::telemetry::TelemetrySettings {
+        let mut s = crate::telemetry::TelemetrySettings {
+            filter: if self.global.verbose {
+                "stepbox=debug"
+            } else {
+                "stepbox=warn"
+            }
+            .into(),
+            ..Default::default()
+        };
+        if let Command::Serve(args) = &self.command
+            && let Ok(c) = args.config()
+        {
+            s.format = c.log.format;
+            if !self.global.verbose {
+                s.filter = c.log.filter.unwrap_or_else(|| "stepbox=info".into());
+            }
+            s.otlp = c.telemetry;
         }
+        if let Ok(f) = std::env::var("STEPBOX_LOG")
+            && !f.is_empty()
+        {
+            s.filter = f;
+        }
+        s
     }
 
     /// Runs the command; the returned code is the process exit code.
@@ -818,6 +832,7 @@ impl ServeArgs {
         options.grace = config.server.grace_period.0;
         options.model = config.model.clone();
         options.tls = config.tls.clone();
+        options.run_history = config.server.run_history;
         options.tenants =
             std::sync::Arc::new(crate::tenancy::Tenants::from_config(&config.tenants)?);
         let addr = config.server.addr;

@@ -36,6 +36,8 @@ pub struct Config {
     pub metrics: Option<MetricsSection>,
     /// Logging.
     pub log: LogSection,
+    /// OpenTelemetry trace export (off when absent).
+    pub telemetry: Option<TelemetrySection>,
     /// The model `GenerateStep` asks.
     pub model: ModelConfig,
     /// Who may call, and within which quotas. None: no authentication (loopback only, unless
@@ -63,6 +65,9 @@ pub struct ServerSection {
     pub grace_period: Millis,
     /// Serve a non-loopback address without tenants (anyone who can connect may run code).
     pub allow_unauthenticated: bool,
+    /// Finished runs kept per tenant for `GetRun`/`ListRuns` (in memory, this replica only);
+    /// 0 keeps none.
+    pub run_history: usize,
 }
 
 impl Default for ServerSection {
@@ -74,6 +79,7 @@ impl Default for ServerSection {
             max_message_size: ByteSize(64 << 20),
             grace_period: Millis(std::time::Duration::from_secs(10)),
             allow_unauthenticated: false,
+            run_history: 1000,
         }
     }
 }
@@ -97,6 +103,36 @@ pub struct TlsSection {
 pub struct MetricsSection {
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9090`.
     pub addr: SocketAddr,
+}
+
+/// `[telemetry]`: spans exported to an OpenTelemetry collector over OTLP/gRPC.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The collector, e.g. `http://otel-collector:4317`; `https://` uses TLS with the public
+    /// (webpki) roots plus `ca_file`.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Fraction of new traces recorded (0 to 1); a caller's `traceparent` decision is followed.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// gRPC metadata sent with every export (e.g. a collector's API key); masked by
+    /// `stepbox config check`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// PEM CA bundle for an `https://` collector with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_service_name() -> String {
+    "stepbox".into()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 /// Log output format.
@@ -149,7 +185,7 @@ pub struct TenantConfig {
 
 /// The variables that are not overrides.
 const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
-const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model"];
+const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model", "telemetry"];
 const TOP_LEVEL: &[&str] = &["work_root", "cache_dir", "policies_dir", "python_component"];
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -252,6 +288,29 @@ impl Config {
                 bail!("tenants[{i}].rate_per_second must be a non-negative number");
             }
         }
+        if let Some(t) = &self.telemetry {
+            if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://"))
+            {
+                bail!(
+                    "telemetry.otlp_endpoint must be an http:// or https:// URL of an OTLP/gRPC collector \
+                     (e.g. http://otel-collector:4317), got {:?}",
+                    t.otlp_endpoint
+                );
+            }
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                bail!(
+                    "telemetry.sample_ratio must be between 0 and 1, got {}",
+                    t.sample_ratio
+                );
+            }
+            for k in t.headers.keys() {
+                if tonic::metadata::AsciiMetadataKey::from_bytes(k.as_bytes()).is_err() {
+                    bail!(
+                        "telemetry.headers: {k:?} is not a valid gRPC metadata name (lowercase ASCII letters, digits, `-`, `_`, `.`)"
+                    );
+                }
+            }
+        }
         if self.tenants.is_empty()
             && !self.server.addr.ip().is_loopback()
             && !self.server.allow_unauthenticated
@@ -275,6 +334,11 @@ impl Config {
             } else {
                 vec![format!("<{n} hashed token(s)>")]
             };
+        }
+        if let Some(t) = &mut c.telemetry {
+            for v in t.headers.values_mut() {
+                *v = "<masked>".into();
+            }
         }
         let mut out = toml::to_string_pretty(&c).unwrap_or_default();
         out.push_str(&format!(
@@ -387,6 +451,41 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_is_checked() {
+        let ok = Config::load(
+            None,
+            vars(&[("STEPBOX_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4317")]),
+        )
+        .unwrap();
+        let t = ok.telemetry.unwrap();
+        assert_eq!((t.service_name.as_str(), t.sample_ratio), ("stepbox", 1.0));
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("stepbox.toml");
+        for (text, wanted) in [
+            (
+                "otlp_endpoint = \"collector:4317\"",
+                "must be an http:// or https:// URL",
+            ),
+            (
+                "otlp_endpoint = \"http://c:4317\"\nsample_ratio = 1.5",
+                "sample_ratio must be between 0 and 1",
+            ),
+            (
+                "otlp_endpoint = \"http://c:4317\"\nheaders = { \"Bad Key\" = \"v\" }",
+                "not a valid gRPC metadata name",
+            ),
+            (
+                "otlp_endpont = \"http://c:4317\"",
+                "unknown field `otlp_endpont`",
+            ),
+        ] {
+            std::fs::write(&p, format!("[telemetry]\n{text}\n")).unwrap();
+            let e = format!("{:#}", Config::load(Some(&p), vars(&[])).unwrap_err());
+            assert!(e.contains(wanted), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn secrets_are_masked() {
         let c = Config {
             tenants: vec![TenantConfig {
@@ -398,11 +497,22 @@ mod tests {
                 rate_per_second: 0.0,
                 burst: None,
             }],
+            telemetry: Some(TelemetrySection {
+                otlp_endpoint: "https://collector.example:4317".into(),
+                service_name: default_service_name(),
+                sample_ratio: 1.0,
+                headers: [("x-api-key".to_string(), "collector-s3cret".to_string())].into(),
+                ca_file: None,
+            }),
             ..Config::default()
         };
         let shown = c.masked_toml();
         assert!(
             !shown.contains(&hash_token("s3cret")[7..]) && shown.contains("<1 hashed token(s)>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("collector-s3cret") && shown.contains("x-api-key = \"<masked>\""),
             "{shown}"
         );
     }

@@ -40,9 +40,11 @@ pub mod outputs;
 pub mod pipe;
 pub mod policy;
 pub mod request;
+pub mod runs;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
 

@@ -6,18 +6,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = stepbox::cli::Cli::parse();
-    let filter = if cli.global.verbose {
-        "stepbox=debug"
-    } else {
-        "stepbox=warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STEPBOX_LOG")
-                .unwrap_or_else(|_| filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -29,5 +17,18 @@ fn main() -> ExitCode {
             return ExitCode::from(stepbox::cli::EXIT_HOST_ERROR);
         }
     };
-    runtime.block_on(cli.execute())
+    // The trace exporter's gRPC channel lives on the runtime: set it up inside it.
+    let telemetry = {
+        let _rt = runtime.enter();
+        match stepbox::telemetry::Telemetry::init(&cli.telemetry_settings()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("stepbox: error: {e:#}");
+                return ExitCode::from(stepbox::cli::EXIT_BAD_REQUEST);
+            }
+        }
+    };
+    let code = runtime.block_on(cli.execute());
+    telemetry.shutdown();
+    code
 }

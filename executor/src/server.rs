@@ -10,12 +10,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Semaphore, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::checks::{Check, CheckKind, CheckResult};
 use crate::generate::{
@@ -27,6 +28,8 @@ use crate::metrics::Metrics;
 use crate::outcome::{RunResult, Status as RunStatus};
 use crate::outputs::OutputKind;
 use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
+use crate::runs::RunHistory;
+use crate::telemetry::{record_status, rpc_span};
 use crate::tenancy::{Tenant, Tenants};
 use crate::{Executor, OutputChunk, RunOptions, StreamKind};
 
@@ -63,6 +66,8 @@ pub struct ServerOptions {
     pub tls: Option<crate::config::TlsSection>,
     /// Notified to re-read the TLS files (SIGHUP in `stepbox serve`).
     pub reload: Arc<tokio::sync::Notify>,
+    /// Finished runs kept per tenant for `GetRun`/`ListRuns` (0: none).
+    pub run_history: usize,
 }
 
 impl Default for ServerOptions {
@@ -78,6 +83,7 @@ impl Default for ServerOptions {
             metrics: Arc::new(Metrics::new()),
             tls: None,
             reload: Arc::new(tokio::sync::Notify::new()),
+            run_history: 1000,
         }
     }
 }
@@ -121,6 +127,7 @@ pub struct StepService {
     executor: Arc<Executor>,
     generator: Arc<Generator>,
     admission: Arc<Admission>,
+    history: Arc<RunHistory>,
     cancel: watch::Receiver<bool>,
 }
 
@@ -481,6 +488,34 @@ pub fn response_from(
     }
 }
 
+/// What the run history keeps of a response (no stdout, stderr or files).
+fn record_from(r: &pb::RunStepResponse, tenant: &str, submitted_at: SystemTime) -> pb::RunRecord {
+    pb::RunRecord {
+        run_id: r.run_id.clone(),
+        tenant: tenant.to_string(),
+        submitted_at: Some(submitted_at.into()),
+        finished_at: Some(SystemTime::now().into()),
+        status: r.status,
+        exit_code: r.exit_code,
+        message: r.message.clone(),
+        check_results: r.check_results.clone(),
+        usage: r.usage.clone(),
+        manifest: r.manifest.clone(),
+        stdout_bytes: r.stdout.len() as u64,
+        stderr_bytes: r.stderr.len() as u64,
+    }
+}
+
+/// Runs `call` inside `span` and records its gRPC status there.
+async fn traced<T>(
+    span: tracing::Span,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let result = call.instrument(span.clone()).await;
+    record_status(&span, &result);
+    result
+}
+
 /// The tenant the auth interceptor attached (anonymous when the service runs without one).
 fn tenant_of<T>(req: &Request<T>) -> Arc<Tenant> {
     req.extensions()
@@ -545,6 +580,7 @@ impl StepService {
                 capacity: options.concurrency.max(1) + options.queue,
                 admitted: AtomicUsize::new(0),
             }),
+            history: Arc::new(RunHistory::new(options.run_history)),
             cancel,
         })
     }
@@ -578,6 +614,7 @@ impl StepService {
         listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
     ) -> Result<pb::RunStepResponse, Status> {
         let runtime = job.runtime;
+        let submitted_at = SystemTime::now();
         let (_tenant_ticket, ticket) = self.admit(&tenant, &job.policy)?;
         let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
@@ -595,7 +632,12 @@ impl StepService {
                 .await
                 .map_err(|e| status_of(e, Some(runtime)))?;
             self.metrics.record_run(&tenant.name, &result, queue_wait);
-            Ok(response_from(result, verdicts, queue_wait))
+            let response = response_from(result, verdicts, queue_wait);
+            self.history.record(
+                &tenant.name,
+                record_from(&response, &tenant.name, submitted_at),
+            );
+            Ok(response)
         };
         let cancelled = cancelled(self.cancel.clone());
         let deadline = deadline.map(our_deadline);
@@ -612,6 +654,72 @@ impl StepService {
         };
         drop(ticket);
         out
+    }
+}
+
+impl StepService {
+    /// `ImportConversation` after authentication.
+    async fn import(
+        &self,
+        tenant: Arc<Tenant>,
+        req: pb::ImportConversationRequest,
+    ) -> Result<pb::ImportConversationResponse, Status> {
+        let (_tenant_ticket, _ticket) = self.admit(&tenant, "")?;
+        let select = (!req.select.is_empty()).then_some(req.select.as_str());
+        let imported = crate::conversation::import(&self.executor, &req.conversation, select)
+            .await
+            .map_err(|e| match e {
+                crate::conversation::ImportError::Malformed(msg) => bad("conversation", msg),
+                crate::conversation::ImportError::Job(e) => status_of(e, Some(RuntimeKind::Python)),
+            })?;
+        let ex = &imported.extracted;
+        let summary = pb::ConversationSummary {
+            title: ex.title.clone(),
+            conversation_id: ex.conversation_id.clone(),
+            cells: u32::try_from(ex.cells.len()).unwrap_or(u32::MAX),
+            inputs: ex
+                .inputs
+                .iter()
+                .map(|i| pb::ExpectedInput {
+                    name: i.name.clone(),
+                    size: i.size.unwrap_or(0),
+                    mime_type: i.mime_type.clone().unwrap_or_default(),
+                })
+                .collect(),
+            outputs: ex.outputs.clone(),
+            unsupported_imports: imported
+                .unsupported_imports
+                .iter()
+                .map(|u| pb::UnsupportedImport {
+                    module: u.module.clone(),
+                    cell: u32::try_from(u.cell).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            notes: imported.notes.clone(),
+            has_expected_stdout: imported.expected_stdout.is_some(),
+            expected_stdout: imported
+                .expected_stdout
+                .clone()
+                .unwrap_or_default()
+                .into_bytes(),
+        };
+        let step = pb::Step {
+            runtime: "python".into(),
+            source: imported.source.clone(),
+            module: Vec::new(),
+            layout: pb::FileLayout::MntData as i32,
+            filename: imported.filename.clone(),
+        };
+        let recorded_checks = imported
+            .recorded_checks()
+            .iter()
+            .filter_map(check_to)
+            .collect();
+        Ok(pb::ImportConversationResponse {
+            step: Some(step),
+            summary: Some(summary),
+            recorded_checks,
+        })
     }
 }
 
@@ -709,10 +817,13 @@ impl StepExecutor for StepService {
     ) -> Result<Response<pb::RunStepResponse>, Status> {
         let deadline = grpc_timeout(&request);
         let tenant = tenant_of(&request);
-        let (job, checks) = job_from_request(request.into_inner())?;
-        self.execute(tenant, job, checks, deadline, None)
-            .await
-            .map(Response::new)
+        let span = rpc_span("RunStep", request.metadata(), &tenant.name);
+        traced(span, async {
+            let (job, checks) = job_from_request(request.into_inner())?;
+            self.execute(tenant, job, checks, deadline, None).await
+        })
+        .await
+        .map(Response::new)
     }
 
     type RunStepStreamStream = EventStream;
@@ -723,10 +834,15 @@ impl StepExecutor for StepService {
     ) -> Result<Response<EventStream>, Status> {
         let deadline = grpc_timeout(&request);
         let tenant = tenant_of(&request);
-        let (job, checks) = job_from_request(request.into_inner())?;
-        // Refuse at once when not allowed or full, rather than after opening the stream.
-        tenant.check_policy(&job.policy)?;
-        drop(self.admission.admit()?);
+        let span = rpc_span("RunStepStream", request.metadata(), &tenant.name);
+        let (job, checks) = traced(span.clone(), async {
+            let (job, checks) = job_from_request(request.into_inner())?;
+            // Refuse at once when not allowed or full, rather than after opening the stream.
+            tenant.check_policy(&job.policy)?;
+            drop(self.admission.admit()?);
+            Ok((job, checks))
+        })
+        .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunStepEvent, Status>>(64);
         let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
         let service = self.clone();
@@ -753,13 +869,19 @@ impl StepExecutor for StepService {
                     }
                 }
             };
-            let run = service.execute(tenant, job, checks, deadline, Some(chunk_tx));
+            let run = service
+                .execute(tenant, job, checks, deadline, Some(chunk_tx))
+                .instrument(span.clone());
             let closed = tx.closed();
             // A client that goes away cancels the job: dropping `run` stops the guest.
             let result = tokio::select! {
                 (r, ()) = async { tokio::join!(run, forward) } => r,
-                () = closed => return,
+                () = closed => {
+                    record_status::<()>(&span, &Err(Status::cancelled("the client went away")));
+                    return;
+                }
             };
+            record_status(&span, &result);
             let last = result.map(|r| pb::RunStepEvent {
                 event: Some(pb::run_step_event::Event::Response(r)),
             });
@@ -776,11 +898,16 @@ impl StepExecutor for StepService {
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(&request);
         let tenant = tenant_of(&request);
-        let mut req = generate_request_from(request.into_inner())?;
-        if let Some(d) = deadline {
-            req.deadline = req.deadline.min(our_deadline(d));
-        }
-        let (tenant_ticket, ticket) = self.admit(&tenant, &req.policy)?;
+        let span = rpc_span("GenerateStep", request.metadata(), &tenant.name);
+        let (req, (tenant_ticket, ticket)) = traced(span.clone(), async {
+            let mut req = generate_request_from(request.into_inner())?;
+            if let Some(d) = deadline {
+                req.deadline = req.deadline.min(our_deadline(d));
+            }
+            let tickets = self.admit(&tenant, &req.policy)?;
+            Ok((req, tickets))
+        })
+        .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::GenerateStepEvent, Status>>(64);
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<GenerateEvent>();
         let generator = self.generator.clone();
@@ -820,7 +947,8 @@ impl StepExecutor for StepService {
                     }
                 }
             };
-            let work = async { tokio::join!(generator.generate(req, Some(ev_tx)), forward).0 };
+            let work = async { tokio::join!(generator.generate(req, Some(ev_tx)), forward).0 }
+                .instrument(span.clone());
             let cancelled = cancelled(cancel);
             let closed = tx.closed();
             let last = tokio::select! {
@@ -828,8 +956,12 @@ impl StepExecutor for StepService {
                     .map(|o| pb::GenerateStepEvent { event: Some(pb::generate_step_event::Event::Outcome(outcome_to(&o))) })
                     .map_err(generate_status),
                 () = cancelled => Err(Status::unavailable("the server is shutting down; generation was cancelled")),
-                () = closed => return,
+                () = closed => {
+                    record_status::<()>(&span, &Err(Status::cancelled("the client went away")));
+                    return;
+                }
             };
+            record_status(&span, &last);
             let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -840,65 +972,67 @@ impl StepExecutor for StepService {
         request: Request<pb::ImportConversationRequest>,
     ) -> Result<Response<pb::ImportConversationResponse>, Status> {
         let tenant = tenant_of(&request);
-        let (_tenant_ticket, _ticket) = self.admit(&tenant, "")?;
-        let req = request.into_inner();
-        let select = (!req.select.is_empty()).then_some(req.select.as_str());
-        let imported = crate::conversation::import(&self.executor, &req.conversation, select)
+        let span = rpc_span("ImportConversation", request.metadata(), &tenant.name);
+        traced(span, self.import(tenant, request.into_inner()))
             .await
-            .map_err(|e| match e {
-                crate::conversation::ImportError::Malformed(msg) => bad("conversation", msg),
-                crate::conversation::ImportError::Job(e) => status_of(e, Some(RuntimeKind::Python)),
-            })?;
-        let ex = &imported.extracted;
-        let summary = pb::ConversationSummary {
-            title: ex.title.clone(),
-            conversation_id: ex.conversation_id.clone(),
-            cells: u32::try_from(ex.cells.len()).unwrap_or(u32::MAX),
-            inputs: ex
-                .inputs
-                .iter()
-                .map(|i| pb::ExpectedInput {
-                    name: i.name.clone(),
-                    size: i.size.unwrap_or(0),
-                    mime_type: i.mime_type.clone().unwrap_or_default(),
-                })
-                .collect(),
-            outputs: ex.outputs.clone(),
-            unsupported_imports: imported
-                .unsupported_imports
-                .iter()
-                .map(|u| pb::UnsupportedImport {
-                    module: u.module.clone(),
-                    cell: u32::try_from(u.cell).unwrap_or(u32::MAX),
-                })
-                .collect(),
-            notes: imported.notes.clone(),
-            has_expected_stdout: imported.expected_stdout.is_some(),
-            expected_stdout: imported
-                .expected_stdout
-                .clone()
-                .unwrap_or_default()
-                .into_bytes(),
-        };
-        let step = pb::Step {
-            runtime: "python".into(),
-            source: imported.source.clone(),
-            module: Vec::new(),
-            layout: pb::FileLayout::MntData as i32,
-            filename: imported.filename.clone(),
-        };
-        let recorded_checks = imported
-            .recorded_checks()
-            .iter()
-            .filter_map(check_to)
-            .collect();
-        Ok(Response::new(pb::ImportConversationResponse {
-            step: Some(step),
-            summary: Some(summary),
-            recorded_checks,
-        }))
+            .map(Response::new)
     }
 
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::RunRecord>, Status> {
+        let tenant = tenant_of(&request);
+        let span = rpc_span("GetRun", request.metadata(), &tenant.name);
+        let run_id = request.into_inner().run_id;
+        let result = if run_id.is_empty() {
+            Err(bad(
+                "run_id",
+                "is empty; pass the run_id of a RunStepResponse",
+            ))
+        } else {
+            self.history
+                .get(&tenant.name, &run_id)
+                .map(|r| Response::new(pb::RunRecord::clone(&r)))
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "run_id: no run {run_id:?} among this tenant's recent runs on this server"
+                    ))
+                })
+        };
+        record_status(&span, &result);
+        result
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let span = rpc_span("ListRuns", request.metadata(), &tenant.name);
+        let req = request.into_inner();
+        let result = (|| {
+            let status = match pb::Status::try_from(req.status) {
+                Ok(pb::Status::Unspecified) => None,
+                Ok(s) => Some(s),
+                Err(_) => {
+                    return Err(bad(
+                        "status",
+                        format!("{} is not a Status value", req.status),
+                    ));
+                }
+            };
+            let page = self
+                .history
+                .list(&tenant.name, req.page_size, &req.page_token, status)?;
+            Ok(Response::new(pb::ListRunsResponse {
+                runs: page.runs.iter().map(|r| pb::RunRecord::clone(r)).collect(),
+                next_page_token: page.next_page_token,
+            }))
+        })();
+        record_status(&span, &result);
+        result
+    }
     async fn list_runtimes(
         &self,
         _request: Request<pb::ListRuntimesRequest>,

@@ -15,4 +15,5 @@ mod limits;
 mod manifest;
 mod platform;
 mod python;
+mod telemetry;
 mod wasm;

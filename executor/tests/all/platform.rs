@@ -317,3 +317,140 @@ async fn tls_with_client_certificates() {
     }
     let _ = stop.send(());
 }
+
+#[tokio::test]
+async fn a_tenant_sees_only_its_own_runs() {
+    let tenant = |name: &str| TenantConfig {
+        name: name.into(),
+        tokens: vec![hash_token(&format!("{name}-token"))],
+        tokens_file: None,
+        policies: vec![],
+        concurrency: 0,
+        rate_per_second: 0.0,
+        burst: None,
+    };
+    let tenants = Tenants::from_config(&[tenant("acme"), tenant("globex")]).unwrap();
+    let (addr, stop, _work) = start(
+        ServerOptions {
+            tenants: Arc::new(tenants),
+            run_history: 3,
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let c = StepExecutorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let run = |c: &StepExecutorClient<Channel>, source: &str, token: &str| {
+        let mut c = c.clone();
+        let req = authed(python(source, ""), token);
+        async move { c.run_step(req).await.unwrap().into_inner() }
+    };
+    let a1 = run(&c, "print('a1')", "acme-token").await;
+    let g1 = run(&c, "raise SystemExit(3)", "globex-token").await;
+    assert_eq!(g1.status(), pb::Status::Failed);
+
+    // The owner gets the record: how it ended and its manifest, not its output.
+    let rec = c
+        .clone()
+        .get_run(authed(
+            pb::GetRunRequest {
+                run_id: a1.run_id.clone(),
+            },
+            "acme-token",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (rec.run_id.as_str(), rec.tenant.as_str(), rec.status()),
+        (a1.run_id.as_str(), "acme", pb::Status::Succeeded)
+    );
+    assert_eq!(rec.stdout_bytes, 3);
+    assert_eq!(rec.manifest, a1.manifest);
+    assert!(rec.submitted_at.unwrap().seconds <= rec.finished_at.unwrap().seconds);
+
+    // Another tenant cannot tell it from a run that never existed.
+    let lookup = |run_id: &str, token: &str| {
+        let mut c = c.clone();
+        let req = authed(
+            pb::GetRunRequest {
+                run_id: run_id.into(),
+            },
+            token,
+        );
+        async move { c.get_run(req).await.unwrap_err() }
+    };
+    let theirs = lookup(&a1.run_id, "globex-token").await;
+    let unknown = lookup("00000000-0000-0000-0000-000000000000", "globex-token").await;
+    assert_eq!(theirs.code(), Code::NotFound);
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(
+        theirs.message().replace(&a1.run_id, "ID"),
+        unknown
+            .message()
+            .replace("00000000-0000-0000-0000-000000000000", "ID")
+    );
+    assert_eq!(
+        lookup(&a1.run_id, "nobody").await.code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(lookup("", "acme-token").await.code(), Code::InvalidArgument);
+
+    let list = |token: &str, page_token: String, status: pb::Status| {
+        let mut c = c.clone();
+        let req = authed(
+            pb::ListRunsRequest {
+                page_size: 2,
+                page_token,
+                status: status as i32,
+            },
+            token,
+        );
+        async move { c.list_runs(req).await.map(|r| r.into_inner()) }
+    };
+    let ids = |l: &pb::ListRunsResponse| -> Vec<String> {
+        l.runs.iter().map(|r| r.run_id.clone()).collect()
+    };
+    let g = list("globex-token", String::new(), pb::Status::Unspecified)
+        .await
+        .unwrap();
+    assert_eq!(ids(&g), std::slice::from_ref(&g1.run_id));
+    assert!(g.next_page_token.is_empty());
+
+    // acme runs three more: its history keeps the newest three, paged two at a time.
+    let mut newest = Vec::new();
+    for i in 2..5 {
+        newest.push(run(&c, &format!("print({i})"), "acme-token").await.run_id);
+    }
+    let p1 = list("acme-token", String::new(), pb::Status::Unspecified)
+        .await
+        .unwrap();
+    assert_eq!(ids(&p1), [newest[2].clone(), newest[1].clone()]);
+    let p2 = list(
+        "acme-token",
+        p1.next_page_token.clone(),
+        pb::Status::Unspecified,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&p2), [newest[0].clone()]);
+    assert!(p2.next_page_token.is_empty());
+    assert_eq!(
+        lookup(&a1.run_id, "acme-token").await.code(),
+        Code::NotFound
+    );
+    // Filtering by status; globex's failure never shows up in acme's list.
+    let failed = list("acme-token", String::new(), pb::Status::Failed)
+        .await
+        .unwrap();
+    assert!(failed.runs.is_empty());
+    // A page token from another listing position that this server never gave is refused.
+    let e = list("acme-token", "r1.999999".into(), pb::Status::Unspecified)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("page_token"), "{}", e.message());
+    let _ = stop.send(());
+}

@@ -121,10 +121,35 @@ class StepboxServer(unittest.TestCase):
         names = {s.name for s in listed.list_services_response.service}
         self.assertIn("stepbox.v1.StepExecutor", names)
         self.assertIn("grpc.health.v1.Health", names)
-        fd = descriptor_pb2.FileDescriptorProto.FromString(described.file_descriptor_response.file_descriptor_proto[0])
+        files = {
+            f.name: f
+            for f in map(descriptor_pb2.FileDescriptorProto.FromString,
+                         described.file_descriptor_response.file_descriptor_proto)
+        }
+        fd = files["stepbox/v1/executor.proto"]
         self.assertEqual(fd.package, "stepbox.v1")
         methods = [m.name for m in fd.service[0].method]
-        self.assertEqual(methods, ["RunStep", "RunStepStream", "ListRuntimes", "ListPolicies", "GenerateStep", "ImportConversation"])
+        self.assertEqual(methods, ["RunStep", "RunStepStream", "ListRuntimes", "ListPolicies", "GenerateStep",
+                                   "ImportConversation", "GetRun", "ListRuns"])
+        # Its import is served too, so a client can decode RunRecord's timestamps without files.
+        self.assertEqual(list(fd.dependency), ["google/protobuf/timestamp.proto"])
+        [dep] = list(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(file_by_filename="google/protobuf/timestamp.proto")]), timeout=10))
+        ts = descriptor_pb2.FileDescriptorProto.FromString(dep.file_descriptor_response.file_descriptor_proto[0])
+        self.assertEqual([m.name for m in ts.message_type], ["Timestamp"])
+
+    def test_runs_can_be_looked_up_and_listed(self):
+        done = self.stub.RunStep(self.python("print('remember me')"), timeout=60)
+        rec = self.stub.GetRun(pb.GetRunRequest(run_id=done.run_id), timeout=10)
+        self.assertEqual((rec.run_id, rec.tenant, rec.status), (done.run_id, "local", pb.STATUS_SUCCEEDED))
+        self.assertEqual(rec.manifest.digest, done.manifest.digest)
+        self.assertEqual(rec.stdout_bytes, len(b"remember me\n"))
+        self.assertLessEqual(rec.submitted_at.ToNanoseconds(), rec.finished_at.ToNanoseconds())
+        listed = self.stub.ListRuns(pb.ListRunsRequest(page_size=1), timeout=10)
+        self.assertEqual(len(listed.runs), 1)
+        with self.assertRaises(grpc.RpcError) as e:
+            self.stub.GetRun(pb.GetRunRequest(run_id="no-such-run"), timeout=10)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.NOT_FOUND)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 //! `traceparent` header makes the call's span a child of the caller's trace. Without the section
 //! nothing is exported and no propagator is installed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -36,20 +37,23 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-/// Spans exported: the `stepbox` crate's at info and above, whatever the log filter says.
+/// Spans exported: the `stepbox` crate's at info and above, whatever the log filter says; and the
+/// exporter's own warnings (a collector that cannot be reached) go to the log.
 const EXPORT_FILTER: &str = "stepbox=info";
+
+/// Whether spans are exported (then call spans carry the OpenTelemetry RPC attributes; otherwise
+/// log lines stay short).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 impl Telemetry {
     /// Installs the global subscriber. With OTLP configured this must run inside a Tokio runtime
     /// (the exporter's gRPC channel lives on it); the connection is made lazily, so an unreachable
     /// collector does not stop the server (exports fail and are logged by the SDK).
     pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&settings.filter)
-            .with_context(|| format!("invalid log filter {:?}", settings.filter))?;
         let logs = match settings.format {
             LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
-                .with_filter(filter)
                 .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()
@@ -57,9 +61,16 @@ impl Telemetry {
                 .with_current_span(true)
                 .with_span_list(false)
                 .with_writer(std::io::stderr)
-                .with_filter(filter)
                 .boxed(),
         };
+        let mut filter = settings.filter.clone();
+        if settings.otlp.is_some() && std::env::var_os("STEPBOX_LOG").is_none() {
+            // Export failures (unreachable collector, refused batch) are the SDK's own warnings.
+            filter.push_str(",opentelemetry_sdk=warn,opentelemetry-otlp=warn");
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+            .with_context(|| format!("invalid log filter {filter:?}"))?;
+        let logs = logs.with_filter(filter);
         let (provider, traces) = match &settings.otlp {
             Some(t) => {
                 let provider = tracer_provider(t)?;
@@ -70,6 +81,7 @@ impl Telemetry {
                 opentelemetry::global::set_text_map_propagator(
                     opentelemetry_sdk::propagation::TraceContextPropagator::new(),
                 );
+                EXPORTING.store(true, Ordering::Relaxed);
                 (Some(provider), Some(layer))
             }
             None => (None, None),
@@ -166,6 +178,15 @@ impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
 /// when trace export is on: otherwise the global propagator is a no-op).
 pub fn rpc_span(method: &'static str, metadata: &MetadataMap, tenant: &str) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return tracing::info_span!(
+            "rpc",
+            method,
+            tenant,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+    }
     let span = tracing::info_span!(
         "rpc",
         otel.name = format!("stepbox.v1.StepExecutor/{method}"),

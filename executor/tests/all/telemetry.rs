@@ -241,3 +241,40 @@ async fn serve_logs_json_lines_when_asked() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_never_stops_the_server() {
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = serve(
+        dir.path(),
+        &[
+            (
+                "STEPBOX_TELEMETRY_OTLP_ENDPOINT",
+                format!("http://{closed}"),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ],
+    );
+    let mut c = StepExecutorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let r = c.run_step(python("print(1)")).await.unwrap().into_inner();
+        assert_eq!(r.status(), pb::Status::Succeeded);
+    }
+    drop(c);
+    let (status, stderr) = tokio::task::spawn_blocking(|| stop(child)).await.unwrap();
+    assert!(status.success(), "{status}\n{stderr}");
+    // The operator hears about it in the log.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("opentelemetry")),
+        "{stderr}"
+    );
+}

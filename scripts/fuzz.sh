@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-60}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
-for target in request_validation policy_parsing conversation_import; do
+for target in request_validation policy_parsing conversation_import config_parsing; do
   mkdir -p "corpus/$target" artifacts
   echo "== $target (${seconds}s)"
   cargo fuzz run --sanitizer none --release "$target" "corpus/$target" "seeds/$target" -- \

@@ -203,21 +203,27 @@ impl Config {
         path: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Config> {
-        let mut table = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("failed to read config `{}`", p.display()))?;
-                let t: toml::Table = toml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("config `{}`: {}", p.display(), e.to_string().trim_end())
-                })?;
-                // Deserialize once now so unknown keys are reported against the file.
-                Config::deserialize(toml::Value::Table(t.clone())).map_err(|e| {
-                    anyhow::anyhow!("config `{}`: {}", p.display(), e.to_string().trim_end())
-                })?;
-                t
+                Config::parse(&text, &p.display().to_string(), vars)
             }
-            None => toml::Table::new(),
-        };
+            None => Config::parse("", "<defaults>", vars),
+        }
+    }
+
+    /// Parses configuration text (`origin` names it in errors) and applies `vars`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("config `{origin}`: {}", e.to_string().trim_end()))?;
+        // Deserialize once now so unknown keys are reported against the file.
+        Config::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| anyhow::anyhow!("config `{origin}`: {}", e.to_string().trim_end()))?;
         let mut vars: Vec<_> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with("STEPBOX_") && !RESERVED.contains(&k.as_str()))

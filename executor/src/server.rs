@@ -655,9 +655,7 @@ impl StepService {
         drop(ticket);
         out
     }
-}
 
-impl StepService {
     /// `ImportConversation` after authentication.
     async fn import(
         &self,

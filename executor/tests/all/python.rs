@@ -222,3 +222,23 @@ async fn mnt_data_layout_reports_new_and_changed_files_only() {
         [("changed.csv", &b"b\nx\n"[..]), ("new.txt", &b"n"[..])]
     );
 }
+
+#[tokio::test]
+async fn deterministic_time_is_virtual_but_sleep_and_wall_time_are_real() {
+    let det = |src: &str, pairs: &[&str]| {
+        let mut j = with_limits(py(src), pairs);
+        j.policy = "deterministic".into();
+        j
+    };
+    // The monotonic clock advances per reading, not with real time: a sleep returns, and the step
+    // sees the same few microseconds pass on every run.
+    let src = "import time\nt0 = time.monotonic()\ntime.sleep(0.05)\nt1 = time.monotonic()\nprint(repr(t1 - t0))";
+    let (a, b) = (run(det(src, &[])).await, run(det(src, &[])).await);
+    assert_status(&a, Status::Succeeded);
+    assert_eq!(out(&a), out(&b));
+    let elapsed: f64 = out(&a).trim().parse().unwrap();
+    assert!(elapsed > 0.0 && elapsed < 0.001, "{}", out(&a));
+    // The wall-time limit is real time: a long sleep is stopped.
+    let r = run(det("import time\ntime.sleep(30)", &["wall_time=300ms"])).await;
+    assert_status(&r, Status::TimedOut);
+}

@@ -27,13 +27,14 @@ pub struct RunHistory {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Increases with every record; page tokens name a position by it.
-    next_seq: u64,
     tenants: HashMap<String, TenantRuns>,
 }
 
 #[derive(Debug, Default)]
 struct TenantRuns {
+    /// Increases with each of this tenant's runs; page tokens name a position by it (per tenant,
+    /// so a token says nothing about other tenants' activity).
+    next_seq: u64,
     /// Oldest first.
     order: VecDeque<(u64, Arc<pb::RunRecord>)>,
     by_id: HashMap<String, Arc<pb::RunRecord>>,
@@ -73,9 +74,9 @@ impl RunHistory {
         }
         let record = Arc::new(record);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
         let runs = inner.tenants.entry(tenant.to_string()).or_default();
+        let seq = runs.next_seq;
+        runs.next_seq += 1;
         runs.by_id.insert(record.run_id.clone(), record.clone());
         runs.order.push_back((seq, record));
         while runs.order.len() > self.per_tenant {
@@ -118,10 +119,11 @@ impl RunHistory {
                 .ok_or_else(|| bad_token(page_token))?
         };
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if before != u64::MAX && before > inner.next_seq {
+        let runs = inner.tenants.get(tenant);
+        if before != u64::MAX && before >= runs.map_or(0, |r| r.next_seq) {
             return Err(bad_token(page_token));
         }
-        let Some(runs) = inner.tenants.get(tenant) else {
+        let Some(runs) = runs else {
             return Ok(Page {
                 runs: Vec::new(),
                 next_page_token: String::new(),
@@ -224,6 +226,13 @@ mod tests {
     #[test]
     fn bad_pages_are_named() {
         let h = RunHistory::new(10);
+        h.record("t", run("r0", pb::Status::Succeeded));
+        h.record("t", run("r1", pb::Status::Succeeded));
+        let token = h.list("t", 1, "", None).unwrap().next_page_token;
+        assert_eq!(ids(&h.list("t", 1, &token, None).unwrap()), ["r0"]);
+        // Positions are per tenant: another tenant's token means nothing here.
+        let e = h.list("u", 1, &token, None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
         for (size, token, wanted) in [
             (501, "", "page_size: 501 is more than 500"),
             (0, "garbage", "page_token: \"garbage\" is not a token"),

@@ -309,10 +309,15 @@ impl Config {
                     t.sample_ratio
                 );
             }
-            for k in t.headers.keys() {
+            for (k, v) in &t.headers {
                 if tonic::metadata::AsciiMetadataKey::from_bytes(k.as_bytes()).is_err() {
                     bail!(
                         "telemetry.headers: {k:?} is not a valid gRPC metadata name (lowercase ASCII letters, digits, `-`, `_`, `.`)"
+                    );
+                }
+                if v.parse::<tonic::metadata::AsciiMetadataValue>().is_err() {
+                    bail!(
+                        "telemetry.headers.{k}: the value must be visible ASCII (no control characters or newlines)"
                     );
                 }
             }
@@ -479,6 +484,10 @@ mod tests {
             (
                 "otlp_endpoint = \"http://c:4317\"\nheaders = { \"Bad Key\" = \"v\" }",
                 "not a valid gRPC metadata name",
+            ),
+            (
+                "otlp_endpoint = \"http://c:4317\"\nheaders = { \"x-key\" = \"a\\nb\" }",
+                "telemetry.headers.x-key: the value must be visible ASCII",
             ),
             (
                 "otlp_endpont = \"http://c:4317\"",

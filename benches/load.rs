@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--concurrency 1,8,32] [--seconds 10] [--queue 64] [--addr HOST:PORT]
+//!                             [--traces]
 //! ```
 //! Without `--addr` the server runs in this process (its RSS is reported at the start and end of
 //! each level); with `--addr` it drives a running `stepbox serve`. Concurrency above the server's
 //! slots plus queue shows overload handling: the only acceptable error is RESOURCE_EXHAUSTED.
+//! `--traces` (in-process server only) runs every level a second time with OTLP trace export on,
+//! to an in-process collector on loopback that counts the spans it receives, so the cost of
+//! tracing is a ratio within one run.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +18,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use stepbox::server::pb::step_executor_client::StepExecutorClient;
 use stepbox::server::pb::{self, RunStepRequest, Step};
 use stepbox::server::{ServerOptions, serve};
@@ -24,6 +34,7 @@ struct Args {
     seconds: u64,
     queue: usize,
     addr: Option<SocketAddr>,
+    traces: bool,
 }
 
 fn args() -> Args {
@@ -32,6 +43,7 @@ fn args() -> Args {
         seconds: 10,
         queue: 64,
         addr: None,
+        traces: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -47,6 +59,11 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--queue" => a.queue = value().parse().expect("--queue N"),
             "--addr" => a.addr = Some(value().parse().expect("--addr HOST:PORT")),
+            "--traces" => {
+                a.traces = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1; // `--bench` and anything else cargo passes
                 continue;
@@ -137,6 +154,54 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// An OTLP/gRPC trace collector that counts spans.
+#[derive(Clone, Default)]
+struct Collector(Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Starts a collector on loopback and exports this process's spans to it.
+async fn export_traces() -> (Collector, stepbox::telemetry::Telemetry) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let telemetry = stepbox::telemetry::Telemetry::init(&stepbox::telemetry::TelemetrySettings {
+        filter: "off".into(),
+        otlp: Some(stepbox::config::TelemetrySection {
+            otlp_endpoint: format!("http://{addr}"),
+            service_name: "stepbox-load".into(),
+            sample_ratio: 1.0,
+            headers: Default::default(),
+            ca_file: None,
+        }),
+        ..Default::default()
+    })
+    .expect("telemetry");
+    (collector, telemetry)
+}
+
 fn main() {
     let a = args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -179,30 +244,53 @@ fn main() {
         // Warm the connection path and the runtime's caches.
         drive(addr, 1, Duration::from_millis(500)).await;
         println!(
-            "{:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors",
-            "conc", "requests", "steps/s", "p50 ms", "p99 ms", "max ms", "rss start", "rss end"
+            "{:>6} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors",
+            "traces",
+            "conc",
+            "requests",
+            "steps/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "rss start",
+            "rss end"
         );
-        for &c in &a.levels {
-            let rss0 = rss_kib();
-            let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds)).await;
-            let rss1 = rss_kib();
-            s.latencies.sort();
-            let n = s.latencies.len();
+        levels(addr, &a, "off").await;
+        if a.traces && a.addr.is_none() {
+            let (collector, telemetry) = export_traces().await;
+            levels(addr, &a, "otlp").await;
+            tokio::task::spawn_blocking(move || telemetry.shutdown())
+                .await
+                .unwrap();
             println!(
-                "{c:>5} {n:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9} KiB {:>9} KiB  {:?}{}",
-                n as f64 / took.as_secs_f64(),
-                pct(&s.latencies, 0.5),
-                pct(&s.latencies, 0.99),
-                pct(&s.latencies, 1.0),
-                rss0,
-                rss1,
-                s.errors,
-                if s.wrong > 0 {
-                    format!(" WRONG RESULTS: {}", s.wrong)
-                } else {
-                    String::new()
-                }
+                "the collector received {} spans",
+                collector.0.load(std::sync::atomic::Ordering::Relaxed)
             );
         }
     });
+}
+
+async fn levels(addr: SocketAddr, a: &Args, traces: &str) {
+    for &c in &a.levels {
+        let rss0 = rss_kib();
+        let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds)).await;
+        let rss1 = rss_kib();
+        s.latencies.sort();
+        let n = s.latencies.len();
+        println!(
+            "{traces:>6} {c:>5} {n:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9} KiB {:>9} KiB  {:?}{}",
+            n as f64 / took.as_secs_f64(),
+            pct(&s.latencies, 0.5),
+            pct(&s.latencies, 0.99),
+            pct(&s.latencies, 1.0),
+            rss0,
+            rss1,
+            s.errors,
+            if s.wrong > 0 {
+                format!(" WRONG RESULTS: {}", s.wrong)
+            } else {
+                String::new()
+            }
+        );
+    }
 }

@@ -1,5 +1,5 @@
 """Soak test: N concurrent clients for M minutes against a real `stepbox serve`, mixing good steps,
-limit-hitting steps and bad requests. Reports outcomes by kind, the server's RSS at start and end,
+limit-hitting steps, bad requests and run lookups. Reports outcomes by kind, the server's RSS at start and end,
 and job directories left behind (must be 0). Exits non-zero on any unexpected outcome.
 
     scripts/soak.sh [--clients 8] [--minutes 5] [--bin target/release/stepbox]
@@ -49,7 +49,24 @@ MIX = [
     ("bad_path", step("print(1)", inputs=[pb.File(path="../escape", content=b"")]), grpc.StatusCode.INVALID_ARGUMENT),
     ("bad_limit", step("print(1)", limits=pb.Limits(memory_bytes=1 << 40)), grpc.StatusCode.INVALID_ARGUMENT),
     ("bad_policy", step("print(1)", policy="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    # Run, then look the run up by id (GetRun) / list recent runs (ListRuns).
+    ("lookup", step("print('again')"), pb.STATUS_SUCCEEDED),
+    ("list", None, "listed"),
 ]
+
+
+def call(stub, kind, req):
+    """What the server answered: a run status, or "listed" for a good ListRuns page."""
+    if kind == "list":
+        page = stub.ListRuns(pb.ListRunsRequest(page_size=5), timeout=60)
+        return "listed" if 1 <= len(page.runs) <= 5 and all(r.tenant == "local" for r in page.runs) else "bad page"
+    done = stub.RunStep(req, timeout=60)
+    if kind == "lookup":
+        rec = stub.GetRun(pb.GetRunRequest(run_id=done.run_id), timeout=60)
+        if rec.run_id != done.run_id or rec.manifest.digest != done.manifest.digest:
+            return "wrong record"
+        return rec.status
+    return done.status
 
 
 def main():
@@ -60,8 +77,9 @@ def main():
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="stepbox-soak-")
+    # Warnings and errors only: a line per run would drown the report.
     server = subprocess.Popen([args.bin, "serve", "--addr", "127.0.0.1:0", "--work-root", work, "--queue", "64"],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "STEPBOX_LOG": "stepbox=warn"})
     addr = server.stdout.readline().split()[-1]
     channel = grpc.insecure_channel(addr)
     grpc.channel_ready_future(channel).result(timeout=60)
@@ -79,7 +97,7 @@ def main():
         while time.monotonic() < end:
             kind, req, want = rnd.choice(MIX)
             try:
-                got = stub.RunStep(req, timeout=60).status
+                got = call(stub, kind, req)
             except grpc.RpcError as e:
                 got = e.code()
             ok = got == want or got == grpc.StatusCode.RESOURCE_EXHAUSTED

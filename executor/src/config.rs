@@ -5,7 +5,8 @@
 //! (`STEPBOX_WORK_ROOT`), `STEPBOX_<SECTION>_<KEY>` for sections (`STEPBOX_SERVER_ADDR`,
 //! `STEPBOX_METRICS_ADDR`, `STEPBOX_MODEL_BASE_URL`); values are parsed as TOML, else taken as
 //! strings. `STEPBOX_CONFIG` (the file), `STEPBOX_LOG` (the log filter) and `STEPBOX_MODEL` (the
-//! default model name) keep their own meanings. Tenants come from the file only.
+//! default model name) keep their own meanings. `STEPBOX_TENANTS` replaces the whole tenant list with
+//! a TOML array of inline tables (`[{ name = "a", tokens_file = "/run/secrets/a" }]`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -186,7 +187,13 @@ pub struct TenantConfig {
 /// The variables that are not overrides.
 const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
 const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model", "telemetry"];
-const TOP_LEVEL: &[&str] = &["work_root", "cache_dir", "policies_dir", "python_component"];
+const TOP_LEVEL: &[&str] = &[
+    "work_root",
+    "cache_dir",
+    "policies_dir",
+    "python_component",
+    "tenants",
+];
 
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
@@ -417,6 +424,26 @@ mod tests {
             .to_string();
         assert!(
             e.contains("STEPBOX_SERVER_PORT") && e.contains("unknown field `port`"),
+            "{e}"
+        );
+        // The tenant list as one variable.
+        let c = Config::load(
+            None,
+            vars(&[(
+                "STEPBOX_TENANTS",
+                r#"[{ name = "a", tokens_file = "/run/secrets/a", concurrency = 2 }]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tenants[0].name.as_str(), c.tenants[0].concurrency),
+            ("a", 2)
+        );
+        let e = Config::load(None, vars(&[("STEPBOX_TENANTS", r#"[{ name = "a" }]"#)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tenants[0] (`a`) has no `tokens` or `tokens_file`"),
             "{e}"
         );
         // Other tools share the prefix: a variable that names no key is reported, not fatal.

@@ -22,12 +22,7 @@ pub const MAX_PAGE_SIZE: usize = 500;
 #[derive(Debug)]
 pub struct RunHistory {
     per_tenant: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    tenants: HashMap<String, TenantRuns>,
+    tenants: Mutex<HashMap<String, TenantRuns>>,
 }
 
 #[derive(Debug, Default)]
@@ -63,7 +58,7 @@ impl RunHistory {
     pub fn new(per_tenant: usize) -> RunHistory {
         RunHistory {
             per_tenant,
-            inner: Mutex::default(),
+            tenants: Mutex::default(),
         }
     }
 
@@ -73,8 +68,8 @@ impl RunHistory {
             return;
         }
         let record = Arc::new(record);
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let runs = inner.tenants.entry(tenant.to_string()).or_default();
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let runs = tenants.entry(tenant.to_string()).or_default();
         let seq = runs.next_seq;
         runs.next_seq += 1;
         runs.by_id.insert(record.run_id.clone(), record.clone());
@@ -88,8 +83,8 @@ impl RunHistory {
 
     /// `tenant`'s run `run_id`, if it is still in the history.
     pub fn get(&self, tenant: &str, run_id: &str) -> Option<Arc<pb::RunRecord>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.tenants.get(tenant)?.by_id.get(run_id).cloned()
+        let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        tenants.get(tenant)?.by_id.get(run_id).cloned()
     }
 
     /// A page of `tenant`'s runs, newest first, optionally only those with `status`.
@@ -118,8 +113,8 @@ impl RunHistory {
                 .and_then(|n| n.parse::<u64>().ok())
                 .ok_or_else(|| bad_token(page_token))?
         };
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let runs = inner.tenants.get(tenant);
+        let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let runs = tenants.get(tenant);
         if before != u64::MAX && before >= runs.map_or(0, |r| r.next_seq) {
             return Err(bad_token(page_token));
         }

@@ -37,8 +37,7 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-/// Spans exported: the `stepbox` crate's at info and above, whatever the log filter says; and the
-/// exporter's own warnings (a collector that cannot be reached) go to the log.
+/// Spans exported: the `stepbox` crate's at info and above, whatever the log filter says.
 const EXPORT_FILTER: &str = "stepbox=info";
 
 /// Whether spans are exported (then call spans carry the OpenTelemetry RPC attributes; otherwise
@@ -64,8 +63,9 @@ impl Telemetry {
                 .boxed(),
         };
         let mut filter = settings.filter.clone();
-        if settings.otlp.is_some() && std::env::var_os("STEPBOX_LOG").is_none() {
-            // Export failures (unreachable collector, refused batch) are the SDK's own warnings.
+        if settings.otlp.is_some() && !filter.contains("opentelemetry") {
+            // Export failures (unreachable collector, refused batch) are the SDK's own warnings;
+            // a filter that names the opentelemetry crates itself decides instead.
             filter.push_str(",opentelemetry_sdk=warn,opentelemetry-otlp=warn");
         }
         let filter = tracing_subscriber::EnvFilter::try_new(&filter)

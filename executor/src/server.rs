@@ -983,23 +983,21 @@ impl StepExecutor for StepService {
         let tenant = tenant_of(&request);
         let span = rpc_span("GetRun", request.metadata(), &tenant.name);
         let run_id = request.into_inner().run_id;
-        let result = if run_id.is_empty() {
-            Err(bad(
-                "run_id",
-                "is empty; pass the run_id of a RunStepResponse",
-            ))
-        } else {
-            self.history
-                .get(&tenant.name, &run_id)
-                .map(|r| Response::new(pb::RunRecord::clone(&r)))
-                .ok_or_else(|| {
-                    Status::not_found(format!(
-                        "run_id: no run {run_id:?} among this tenant's recent runs on this server"
-                    ))
-                })
-        };
-        record_status(&span, &result);
-        result
+        traced(span, async {
+            if run_id.is_empty() {
+                return Err(bad(
+                    "run_id",
+                    "is empty; pass the run_id of a RunStepResponse",
+                ));
+            }
+            let record = self.history.get(&tenant.name, &run_id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "run_id: no run {run_id:?} among this tenant's recent runs on this server"
+                ))
+            })?;
+            Ok(Response::new(pb::RunRecord::clone(&record)))
+        })
+        .await
     }
 
     async fn list_runs(
@@ -1009,14 +1007,17 @@ impl StepExecutor for StepService {
         let tenant = tenant_of(&request);
         let span = rpc_span("ListRuns", request.metadata(), &tenant.name);
         let req = request.into_inner();
-        let result = (|| {
+        traced(span, async {
             let status = match pb::Status::try_from(req.status) {
                 Ok(pb::Status::Unspecified) => None,
                 Ok(s) => Some(s),
                 Err(_) => {
                     return Err(bad(
                         "status",
-                        format!("{} is not a Status value", req.status),
+                        format!(
+                            "{} is not a Status; pass STATUS_UNSPECIFIED (0) for all runs or one of STATUS_SUCCEEDED (1) to STATUS_CHECKS_FAILED (8)",
+                            req.status
+                        ),
                     ));
                 }
             };
@@ -1027,10 +1028,10 @@ impl StepExecutor for StepService {
                 runs: page.runs.iter().map(|r| pb::RunRecord::clone(r)).collect(),
                 next_page_token: page.next_page_token,
             }))
-        })();
-        record_status(&span, &result);
-        result
+        })
+        .await
     }
+
     async fn list_runtimes(
         &self,
         _request: Request<pb::ListRuntimesRequest>,

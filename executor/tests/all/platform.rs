@@ -452,5 +452,22 @@ async fn a_tenant_sees_only_its_own_runs() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("page_token"), "{}", e.message());
+    let e = c
+        .clone()
+        .list_runs(authed(
+            pb::ListRunsRequest {
+                status: 99,
+                ..Default::default()
+            },
+            "acme-token",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("status") && e.message().contains("99 is not a Status"),
+        "{}",
+        e.message()
+    );
     let _ = stop.send(());
 }

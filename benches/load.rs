@@ -24,9 +24,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use stepbox::server::pb::step_executor_client::StepExecutorClient;
-use stepbox::server::pb::{self, RunStepRequest, Step};
-use stepbox::server::{ServerOptions, serve};
+use stepbox::pb::step_executor_client::StepExecutorClient;
+use stepbox::pb::{self, RunStepRequest, Step};
+use stepbox::service::{ServerOptions, serve};
 use stepbox::{Executor, ExecutorConfig};
 
 struct Args {
@@ -178,7 +178,7 @@ impl TraceService for Collector {
 }
 
 /// Starts a collector on loopback and exports this process's spans to it.
-async fn export_traces() -> (Collector, stepbox::telemetry::Telemetry) {
+async fn export_traces() -> (Collector, stepbox::service::telemetry::Telemetry) {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -187,17 +187,19 @@ async fn export_traces() -> (Collector, stepbox::telemetry::Telemetry) {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let telemetry = stepbox::telemetry::Telemetry::init(&stepbox::telemetry::TelemetrySettings {
-        filter: "off".into(),
-        otlp: Some(stepbox::config::TelemetrySection {
-            otlp_endpoint: format!("http://{addr}"),
-            service_name: "stepbox-load".into(),
-            sample_ratio: 1.0,
-            headers: Default::default(),
-            ca_file: None,
-        }),
-        ..Default::default()
-    })
+    let telemetry = stepbox::service::telemetry::Telemetry::init(
+        &stepbox::service::telemetry::TelemetrySettings {
+            filter: "off".into(),
+            otlp: Some(stepbox::service::config::TelemetrySection {
+                otlp_endpoint: format!("http://{addr}"),
+                service_name: "stepbox-load".into(),
+                sample_ratio: 1.0,
+                headers: Default::default(),
+                ca_file: None,
+            }),
+            ..Default::default()
+        },
+    )
     .expect("telemetry");
     (collector, telemetry)
 }

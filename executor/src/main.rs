@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     // The trace exporter's gRPC channel lives on the runtime: set it up inside it.
     let telemetry = {
         let _rt = runtime.enter();
-        match stepbox::telemetry::Telemetry::init(&cli.telemetry_settings()) {
+        match stepbox::service::telemetry::Telemetry::init(&cli.telemetry_settings()) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("stepbox: error: {e:#}");

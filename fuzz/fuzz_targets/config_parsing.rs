@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (format!("STEPBOX_{k}"), v.to_string()))
         .collect();
-    if let Ok(c) = stepbox::config::Config::parse(file, "fuzz.toml", vars) {
+    if let Ok(c) = stepbox::service::config::Config::parse(file, "fuzz.toml", vars) {
         c.check().expect("a loaded configuration passes its checks");
         // The masked output is TOML again, with every secret replaced.
         let shown: toml::Table = toml::from_str(&c.masked_toml()).expect("masked output is TOML");

@@ -5,6 +5,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = stepbox::conversation::extract(data, None);
-    let _ = stepbox::conversation::extract(data, Some("x"));
+    let _ = stepbox::authoring::conversation::extract(data, None);
+    let _ = stepbox::authoring::conversation::extract(data, Some("x"));
 });

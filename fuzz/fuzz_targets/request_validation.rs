@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use stepbox::request::{InputFile, RuntimeKind, StepJob};
+use stepbox::job::request::{InputFile, RuntimeKind, StepJob};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

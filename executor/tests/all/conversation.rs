@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use stepbox::Status;
-use stepbox::conversation::{ImportError, extract, import};
+use stepbox::authoring::conversation::{ImportError, extract, import};
 
 use crate::common::*;
 

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use stepbox::Status;
-use stepbox::outputs::OutputKind;
+use stepbox::job::outcome::OutputKind;
 
 use crate::common::*;
 

@@ -11,8 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 use stepbox::Status;
-use stepbox::checks::{Check, CheckKind};
-use stepbox::generate::{GenerateError, GenerateRequest, Generator, ModelConfig, Verdict};
+use stepbox::authoring::generate::{
+    GenerateError, GenerateRequest, Generator, ModelConfig, Verdict,
+};
+use stepbox::job::checks::{Check, CheckKind};
 
 use crate::common::*;
 

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stepbox::server::pb::step_executor_client::StepExecutorClient;
-use stepbox::server::pb::{self, check::Kind};
-use stepbox::server::{ServerOptions, serve};
+use stepbox::pb::step_executor_client::StepExecutorClient;
+use stepbox::pb::{self, check::Kind};
+use stepbox::service::{ServerOptions, serve};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -104,7 +104,7 @@ async fn run_step_returns_status_outputs_usage_and_a_sealed_manifest() {
 async fn checks_pass_and_fail_with_reasons() {
     let mut s = start(ServerOptions::default()).await;
     let src = "import json, csv\nprint('total: 42')\njson.dump({'b': [1, 2], 'a': 'x'}, open('/output/r.json', 'w'))\nopen('/output/r.csv', 'w').write('id,v\\n2,b\\n1,a\\n')";
-    let sha = stepbox::engine::sha256_hex(b"id,v\n2,b\n1,a\n");
+    let sha = stepbox::job::digest::sha256_hex(b"id,v\n2,b\n1,a\n");
     let passing = vec![
         check(Kind::ExitCode(0)),
         check(Kind::StdoutEquals(b"total: 42\n".to_vec())),

@@ -1,6 +1,6 @@
 //! Every limit has a run where it holds and a run where it is hit, with the exact status.
 
-use stepbox::limits::{LimitError, LimitKind};
+use stepbox::job::limits::{LimitError, LimitKind};
 use stepbox::{JobError, Status};
 
 use crate::common::*;

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stepbox::config::{TenantConfig, TlsSection, hash_token};
-use stepbox::metrics::{Metrics, serve_metrics};
-use stepbox::server::pb::step_executor_client::StepExecutorClient;
-use stepbox::server::pb::{self, RunStepRequest, Step};
-use stepbox::server::{ServerOptions, serve};
-use stepbox::tenancy::Tenants;
+use stepbox::pb::step_executor_client::StepExecutorClient;
+use stepbox::pb::{self, RunStepRequest, Step};
+use stepbox::service::config::{TenantConfig, TlsSection, hash_token};
+use stepbox::service::metrics::{Metrics, serve_metrics};
+use stepbox::service::tenancy::Tenants;
+use stepbox::service::{ServerOptions, serve};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;

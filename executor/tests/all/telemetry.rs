@@ -14,8 +14,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use stepbox::server::pb::step_executor_client::StepExecutorClient;
-use stepbox::server::pb::{self, RunStepRequest, Step};
+use stepbox::pb::step_executor_client::StepExecutorClient;
+use stepbox::pb::{self, RunStepRequest, Step};
 
 use crate::common::*;
 

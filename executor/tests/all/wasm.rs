@@ -1,7 +1,7 @@
 //! The `wasm` runtime: preview-1 modules, preview-2 command components and WAT, with traps and
 //! limits classified from wasmtime's own signals.
 
-use stepbox::engine::CacheSource;
+use stepbox::job::outcome::CacheSource;
 use stepbox::{JobError, Status};
 
 use crate::common::*;

@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::checks::{Check, CheckKind};
-use crate::request::{JobError, Layout, RuntimeKind, StepJob};
+use crate::job::checks::{Check, CheckKind};
+use crate::job::request::{JobError, Layout, RuntimeKind, StepJob};
 use crate::{Executor, Status};
 
 /// Most bytes of a conversation accepted (exports of long histories are large).
@@ -278,7 +278,9 @@ fn download_links(text: &str, into: &mut Vec<String>) {
     let re = regex::Regex::new(r#"sandbox:/mnt/data/([^)\s"'\]<>]+)"#).expect("a valid pattern");
     for c in re.captures_iter(text) {
         let name = c[1].trim_end_matches(['.', ',', ';']).to_string();
-        if crate::request::check_relative_path("output", &name).is_ok() && !into.contains(&name) {
+        if crate::job::request::check_relative_path("output", &name).is_ok()
+            && !into.contains(&name)
+        {
             into.push(name);
         }
     }

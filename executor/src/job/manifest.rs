@@ -9,10 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::engine::{WASMTIME_VERSION, sha256_hex};
-use crate::limits::Limits;
-use crate::outcome::Status;
-use crate::outputs::{OutputFile, OutputKind};
+use crate::job::digest::sha256_hex;
+use crate::job::limits::Limits;
+use crate::job::status::Status;
 
 /// The manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -24,6 +23,18 @@ pub struct FileDigest {
     pub path: String,
     /// Hex sha256.
     pub sha256: String,
+}
+
+/// Which catalog version a run by reference ran: "which code produced this output" has one
+/// answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StepVersionRef {
+    /// The step's name.
+    pub name: String,
+    /// `N` of `vN`.
+    pub version: i64,
+    /// Hex sha256 of the version's canonical definition.
+    pub digest: String,
 }
 
 /// See the module documentation.
@@ -67,6 +78,10 @@ pub struct Manifest {
     pub stderr_sha256: String,
     /// Outputs, sorted by path (symlinks: digest of `symlink:` + target).
     pub outputs: Vec<FileDigest>,
+    /// The catalog version that ran, for runs by reference (absent otherwise, so manifests of
+    /// inline runs keep their digests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepVersionRef>,
     /// sha256 over all of the above.
     pub digest: String,
 }
@@ -84,25 +99,4 @@ impl Manifest {
     pub fn verify(&self) -> bool {
         self.clone().seal().digest == self.digest
     }
-}
-
-/// The engine string recorded in manifests.
-pub fn engine_name() -> String {
-    format!("wasmtime {WASMTIME_VERSION}")
-}
-
-/// Digests of outputs as recorded in manifests.
-pub fn output_digests(outputs: &[OutputFile]) -> Vec<FileDigest> {
-    outputs
-        .iter()
-        .map(|o| FileDigest {
-            path: o.path.clone(),
-            sha256: match &o.kind {
-                OutputKind::File => o.sha256.clone(),
-                OutputKind::Symlink { target } => {
-                    sha256_hex(format!("symlink:{target}").as_bytes())
-                }
-            },
-        })
-        .collect()
 }

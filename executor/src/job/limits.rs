@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A number of bytes: an integer, or a string such as `"256MiB"`, `"64 KiB"` or `"1GB"`.
 ///
 /// ```
-/// use stepbox::limits::ByteSize;
+/// use stepbox::job::limits::ByteSize;
 /// assert_eq!("256MiB".parse::<ByteSize>().unwrap(), ByteSize(256 << 20));
 /// assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
 /// assert_eq!(ByteSize(64 << 10).to_string(), "64KiB");
@@ -235,7 +235,7 @@ pub struct Limits {
     pub memory_bytes: u64,
     /// Fuel budget; `None` runs without fuel metering (faster: epochs still bound wall time).
     pub fuel: Option<u64>,
-    /// Wall-clock budget, enforced by epoch interruption at a tick of [`crate::engine::EPOCH_TICK`].
+    /// Wall-clock budget, enforced by epoch interruption at a tick of [`crate::sandbox::engine::EPOCH_TICK`].
     #[serde(serialize_with = "ser_ms")]
     pub wall_time: Duration,
     /// Bytes kept from stdout; one more byte stops the step with `OUTPUT_EXCEEDED`.

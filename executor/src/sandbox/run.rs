@@ -14,13 +14,13 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::engine::{EPOCH_TICK, Engines};
-use crate::jobdir::JobDir;
-use crate::limits::{LimitKind, Limits};
-use crate::outcome::Status;
-use crate::outputs::DiskWatch;
-use crate::pipe::{LimitedPipe, OutputChunk, StreamKind};
-use crate::request::ValidJob;
+use crate::job::limits::{LimitKind, Limits};
+use crate::job::outcome::Status;
+use crate::job::request::ValidJob;
+use crate::sandbox::engine::{EPOCH_TICK, Engines};
+use crate::sandbox::jobdir::JobDir;
+use crate::sandbox::outputs::DiskWatch;
+use crate::sandbox::pipe::{LimitedPipe, OutputChunk, StreamKind};
 
 /// Most table elements a guest may hold. CPython's function table has ~20k entries; a table of
 /// millions is only ever an attempt to exhaust host memory outside the linear-memory limit.

@@ -13,16 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 use wasmtime::Store;
 use wasmtime::component::InstancePre as ComponentPre;
 use wasmtime::{InstancePre, Module};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-use crate::engine::{CacheSource, Engines};
-use crate::request::{JobError, RuntimeKind};
-use crate::sandbox::{GuestExit, StepState};
+use crate::job::digest::sha256;
+use crate::job::request::{JobError, RuntimeKind};
+use crate::sandbox::engine::{CacheSource, Engines};
+use crate::sandbox::run::{GuestExit, StepState};
 
 /// Environment variable naming the Python runtime component.
 pub const PYTHON_COMPONENT_ENV: &str = "STEPBOX_PYTHON_COMPONENT";
@@ -255,7 +255,7 @@ impl Runtimes {
                     let bytes = std::fs::read(&path).with_context(|| {
                         format!("failed to read the Python component `{}`", path.display())
                     })?;
-                    engines.component(&bytes, fuel, true)
+                    engines.component(&bytes, &sha256(&bytes), fuel, true)
                 })
                 .await
                 .map_err(|e| JobError::Internal(e.into()))?
@@ -301,7 +301,8 @@ impl Runtimes {
                 .into()
         };
         // Keyed by the binary, so WAT text and its compiled bytes share one entry.
-        let key = (Sha256::digest(&binary).into(), fuel);
+        let digest = sha256(&binary);
+        let key = (digest, fuel);
         if let Some(e) = self
             .wasm
             .lock()
@@ -320,11 +321,12 @@ impl Runtimes {
         let owned = binary.into_owned();
         let linkers = &self.linkers[usize::from(fuel)];
         let entry = if is_component {
-            let prepared =
-                tokio::task::spawn_blocking(move || engines.component(&owned, fuel, false))
-                    .await
-                    .map_err(|e| JobError::Internal(e.into()))?
-                    .map_err(|e| bad(format!("the component does not compile: {e:#}")))?;
+            let prepared = tokio::task::spawn_blocking(move || {
+                engines.component(&owned, &digest, fuel, false)
+            })
+            .await
+            .map_err(|e| JobError::Internal(e.into()))?
+            .map_err(|e| bad(format!("the component does not compile: {e:#}")))?;
             let pre = linkers.component.instantiate_pre(&prepared.artifact).map_err(|e| {
                 bad(format!("the component needs imports this sandbox does not provide (only WASI 0.2): {e:#}"))
             })?;
@@ -334,10 +336,11 @@ impl Runtimes {
                 ))
             })?)
         } else {
-            let prepared = tokio::task::spawn_blocking(move || engines.module(&owned, fuel))
-                .await
-                .map_err(|e| JobError::Internal(e.into()))?
-                .map_err(|e| bad(format!("the module does not compile: {e:#}")))?;
+            let prepared =
+                tokio::task::spawn_blocking(move || engines.module(&owned, &digest, fuel))
+                    .await
+                    .map_err(|e| JobError::Internal(e.into()))?
+                    .map_err(|e| bad(format!("the module does not compile: {e:#}")))?;
             let module: &Module = &prepared.artifact;
             if module.get_export("_start").is_none() {
                 return Err(bad(

@@ -24,10 +24,10 @@ use async_openai::types::chat::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::checks::{Check, CheckKind, CheckResult};
-use crate::limits::LimitOverrides;
-use crate::outcome::Status;
-use crate::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
+use crate::job::checks::{Check, CheckKind, CheckResult};
+use crate::job::limits::LimitOverrides;
+use crate::job::outcome::Status;
+use crate::job::request::{InputFile, JobError, Layout, RuntimeKind, StepJob};
 use crate::{Executor, RunOptions};
 
 /// Lines of each text input shown to the model.
@@ -70,7 +70,7 @@ mod humantime_serde_compat {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let m: crate::limits::Millis = Deserialize::deserialize(d)?;
+        let m: crate::job::limits::Millis = Deserialize::deserialize(d)?;
         Ok(m.0)
     }
 }
@@ -487,9 +487,9 @@ impl Generator {
             let _ = writeln!(
                 s,
                 "- Limits: {} of memory, {} of wall time, {} of standard output, at most {} output files.",
-                crate::limits::ByteSize(l.memory_bytes),
+                crate::job::limits::ByteSize(l.memory_bytes),
                 humantime::format_duration(l.wall_time),
-                crate::limits::ByteSize(l.stdout_bytes),
+                crate::job::limits::ByteSize(l.stdout_bytes),
                 l.output_files
             );
         }

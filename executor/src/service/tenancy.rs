@@ -16,7 +16,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::config::TenantConfig;
+use crate::service::config::TenantConfig;
 
 /// A token bucket.
 #[derive(Debug)]
@@ -72,7 +72,7 @@ impl Tenant {
     /// Refuses a policy the tenant may not use.
     pub fn check_policy(&self, policy: &str) -> Result<(), Status> {
         let name = if policy.is_empty() {
-            crate::policy::DEFAULT_POLICY
+            crate::job::policy::DEFAULT_POLICY
         } else {
             policy
         };
@@ -171,7 +171,7 @@ impl Tenants {
                     text.lines()
                         .map(str::trim)
                         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(crate::config::hash_token),
+                        .map(crate::service::config::hash_token),
                 );
             }
             for h in hashes {
@@ -212,7 +212,7 @@ impl Tenants {
             })
             .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <token>`"))?;
         self.by_token
-            .get(&crate::config::hash_token(token))
+            .get(&crate::service::config::hash_token(token))
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
     }
@@ -225,7 +225,7 @@ mod tests {
     fn tenant(name: &str, token: &str) -> TenantConfig {
         TenantConfig {
             name: name.into(),
-            tokens: vec![crate::config::hash_token(token)],
+            tokens: vec![crate::service::config::hash_token(token)],
             tokens_file: None,
             policies: vec!["strict".into()],
             concurrency: 1,

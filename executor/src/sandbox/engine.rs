@@ -2,26 +2,27 @@
 //!
 //! Two engines: one with fuel metering and one without (fuel costs 1.35-1.6x on CPU-bound code, so
 //! only runs that ask for fuel pay for it). Both use epoch interruption for wall time, ticked every
-//! [`EPOCH_TICK`] by one background thread. Compiled artifacts are cached in memory and, for the
-//! built-in runtimes, on disk in a private directory, keyed by the input's sha256, the wasmtime
-//! version and the engine settings; only files this program wrote there are ever deserialised.
+//! [`EPOCH_TICK`] by one background thread. Compiled artifacts of the built-in runtimes are
+//! cached on disk in a private directory, keyed by the input's sha256, the wasmtime version and
+//! the engine settings; only files this program wrote there are ever deserialised. The in-memory
+//! cache is the runtimes' ([`crate::sandbox::runtime`]), so a program is hashed once.
 
-use std::collections::HashMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, Module, OptLevel};
+
+pub use crate::job::outcome::CacheSource;
 
 /// How often the epoch advances: the precision of wall-time limits and of the disk watch.
 /// 10 ms keeps the ticker's own cost negligible while stopping a runaway step promptly.
@@ -38,21 +39,6 @@ const ENGINE_SETTINGS_VERSION: &str = "stepbox-engine-1";
 /// checks Cargo.lock). Part of every cache key and of run manifests.
 pub const WASMTIME_VERSION: &str = "48.0.8";
 
-/// Most distinct caller-supplied modules kept compiled in memory.
-const MEMORY_CACHE_ENTRIES: usize = 64;
-
-/// Where a compiled artifact came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheSource {
-    /// Already loaded in this process.
-    Memory,
-    /// Deserialised from the on-disk cache.
-    Disk,
-    /// Compiled now.
-    Compiled,
-}
-
 /// A compiled module or component and how long it took to get it.
 #[derive(Clone, Debug)]
 pub struct Prepared<T> {
@@ -66,18 +52,12 @@ pub struct Prepared<T> {
     pub sha256: String,
 }
 
-#[derive(Clone)]
-enum Artifact {
-    Module(Module),
-    Component(Component),
-}
-
-/// Both engines, the ticker that drives their epochs, and the artifact caches.
+/// Both engines, the ticker that drives their epochs, and the on-disk artifact cache. The one
+/// in-memory cache of compiled code is the runtimes' (linked, ready to instantiate).
 pub struct Engines {
     unmetered: Engine,
     metered: Engine,
     cache_dir: Option<PathBuf>,
-    memory: Mutex<HashMap<([u8; 32], bool), Artifact>>,
     stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
 }
@@ -135,7 +115,6 @@ impl Engines {
             unmetered,
             metered,
             cache_dir,
-            memory: Mutex::new(HashMap::new()),
             stop,
             ticker: Some(ticker),
         })
@@ -151,79 +130,44 @@ impl Engines {
         self.cache_dir.as_deref()
     }
 
-    fn memory_get(&self, key: &([u8; 32], bool)) -> Option<Artifact> {
-        self.memory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-    }
-
-    fn memory_put(&self, key: ([u8; 32], bool), artifact: Artifact) {
-        let mut map = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MEMORY_CACHE_ENTRIES && !map.contains_key(&key) {
-            // Bounded: drop an arbitrary entry. Runtimes hold their own handle, so they stay.
-            if let Some(k) = map.keys().next().copied() {
-                map.remove(&k);
-            }
-        }
-        map.insert(key, artifact);
-    }
-
-    /// A compiled core module for `wasm` (binary or WAT), cached in memory by sha256.
-    pub fn module(&self, wasm: &[u8], fuel: bool) -> anyhow::Result<Prepared<Module>> {
+    /// Compiles a core module from `wasm` (binary or WAT) whose sha256 is `digest`.
+    pub fn module(
+        &self,
+        wasm: &[u8],
+        digest: &[u8; 32],
+        fuel: bool,
+    ) -> anyhow::Result<Prepared<Module>> {
         let start = Instant::now();
-        let key = (sha256(wasm), fuel);
-        let hex = hex::encode(key.0);
-        if let Some(Artifact::Module(m)) = self.memory_get(&key) {
-            return Ok(Prepared {
-                artifact: m,
-                source: CacheSource::Memory,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
         let m = Module::new(self.engine(fuel), wasm)?;
-        self.memory_put(key, Artifact::Module(m.clone()));
         Ok(Prepared {
             artifact: m,
             source: CacheSource::Compiled,
             duration: start.elapsed(),
-            sha256: hex,
+            sha256: hex::encode(digest),
         })
     }
 
-    /// A compiled component for `wasm`, cached in memory by sha256 and, when `persist` is set and
-    /// a cache directory is configured, on disk.
+    /// A compiled component for `wasm` (whose sha256 is `digest`): when `persist` is set and a
+    /// cache directory is configured, loaded from or written to disk; otherwise compiled.
     pub fn component(
         &self,
         wasm: &[u8],
+        digest: &[u8; 32],
         fuel: bool,
         persist: bool,
     ) -> anyhow::Result<Prepared<Component>> {
         let start = Instant::now();
-        let digest = sha256(wasm);
-        let key = (digest, fuel);
         let hex = hex::encode(digest);
-        if let Some(Artifact::Component(c)) = self.memory_get(&key) {
-            return Ok(Prepared {
-                artifact: c,
-                source: CacheSource::Memory,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
         let engine = self.engine(fuel);
         let disk = match (&self.cache_dir, persist) {
             (Some(dir), true) => {
-                Some(dir.join(format!("{}.cwasm", artifact_key(engine, &digest, fuel))))
+                Some(dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))))
             }
             _ => None,
         };
         if let Some(path) = &disk
             && let Some(c) = load_own_artifact(engine, path)?
         {
-            self.memory_put(key, Artifact::Component(c.clone()));
             return Ok(Prepared {
                 artifact: c,
                 source: CacheSource::Disk,
@@ -239,7 +183,6 @@ impl Engines {
             }
         }
         let c = deserialize_component(engine, &bytes)?;
-        self.memory_put(key, Artifact::Component(c.clone()));
         Ok(Prepared {
             artifact: c,
             source: CacheSource::Compiled,
@@ -258,13 +201,9 @@ impl Drop for Engines {
     }
 }
 
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(sha256(bytes))
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// The engine string recorded in run manifests.
+pub fn engine_name() -> String {
+    format!("wasmtime {WASMTIME_VERSION}")
 }
 
 /// The cache file name: the input's digest plus everything that makes an artifact incompatible.
@@ -358,6 +297,7 @@ fn deserialize_component(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compon
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::digest::sha256;
 
     const WAT: &str = r#"(component (core module (func (export "f"))))"#;
 
@@ -377,18 +317,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
         let wasm = wat::parse_str(WAT).unwrap();
+        let digest = sha256(&wasm);
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
-            engines.component(&wasm, false, true).unwrap().source,
+            engines
+                .component(&wasm, &digest, false, true)
+                .unwrap()
+                .source,
             CacheSource::Compiled
         );
+        // No memory cache here (the runtimes keep the linked entries): the next load is the disk's.
         assert_eq!(
-            engines.component(&wasm, false, true).unwrap().source,
-            CacheSource::Memory
+            engines
+                .component(&wasm, &digest, false, true)
+                .unwrap()
+                .source,
+            CacheSource::Disk
+        );
+        // Not persisted: compiled every time.
+        assert_eq!(
+            engines
+                .component(&wasm, &digest, false, false)
+                .unwrap()
+                .source,
+            CacheSource::Compiled
         );
         // The metered engine is a different configuration: a separate artifact.
         assert_eq!(
-            engines.component(&wasm, true, true).unwrap().source,
+            engines
+                .component(&wasm, &digest, true, true)
+                .unwrap()
+                .source,
             CacheSource::Compiled
         );
         let files: Vec<_> = fs::read_dir(&cache).unwrap().collect();
@@ -397,7 +356,10 @@ mod tests {
 
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
-            engines.component(&wasm, false, true).unwrap().source,
+            engines
+                .component(&wasm, &digest, false, true)
+                .unwrap()
+                .source,
             CacheSource::Disk
         );
     }
@@ -407,8 +369,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
         let wasm = wat::parse_str(WAT).unwrap();
+        let digest = sha256(&wasm);
         let engines = Engines::new(Some(cache.clone())).unwrap();
-        engines.component(&wasm, false, true).unwrap();
+        engines.component(&wasm, &digest, false, true).unwrap();
         let file = fs::read_dir(&cache)
             .unwrap()
             .next()
@@ -419,7 +382,10 @@ mod tests {
         drop(engines);
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
-            engines.component(&wasm, false, true).unwrap().source,
+            engines
+                .component(&wasm, &digest, false, true)
+                .unwrap()
+                .source,
             CacheSource::Compiled
         );
 
@@ -429,7 +395,10 @@ mod tests {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         let engines = Engines::new(Some(cache)).unwrap();
         assert_eq!(
-            engines.component(&wasm, false, true).unwrap().source,
+            engines
+                .component(&wasm, &digest, false, true)
+                .unwrap()
+                .source,
             CacheSource::Compiled
         );
     }

@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::outcome::RunResult;
-use crate::outputs::OutputKind;
-use crate::request::{JobError, StepJob, check_relative_path};
+use crate::job::outcome::OutputKind;
+use crate::job::outcome::RunResult;
+use crate::job::request::{JobError, StepJob, check_relative_path};
 
 /// Longest excerpt of a value quoted in a detail.
 const EXCERPT: usize = 120;
@@ -460,7 +460,7 @@ impl PreparedCheck {
                     .then(|| format!("`{p}` differs: {}", first_line_difference(want, got)))
             }),
             Prepared::FileSha256(p, want) => text_check(p, &|got| {
-                let digest = crate::engine::sha256_hex(got);
+                let digest = crate::job::digest::sha256_hex(got);
                 (digest != *want).then(|| format!("`{p}` has sha256 {digest}, expected {want}"))
             }),
             Prepared::FileJsonEquals(p, want) => {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::limits::{LimitError, LimitOverrides, Limits};
-use crate::policy::{Policy, PolicySet};
+use crate::job::limits::{LimitError, LimitOverrides, Limits};
+use crate::job::policy::{Policy, PolicySet, check_env_var};
 
 /// Most input files one job may carry.
 pub const MAX_INPUTS: usize = 10_000;
@@ -229,23 +229,6 @@ impl JobError {
     }
 }
 
-/// Checks one environment variable: a non-empty name without `=` or NUL, a value without NUL.
-pub fn check_env_var(key: &str, value: &str) -> Result<(), JobError> {
-    if key.is_empty() || key.len() > 1024 || key.contains(['=', '\0']) {
-        return Err(JobError::invalid(
-            format!("env.{key}"),
-            "a variable name must be 1-1024 bytes with no `=` or NUL",
-        ));
-    }
-    if value.len() > 32 * 1024 || value.contains('\0') {
-        return Err(JobError::invalid(
-            format!("env.{key}"),
-            "a value must be at most 32 KiB with no NUL",
-        ));
-    }
-    Ok(())
-}
-
 /// Checks a caller-supplied relative path and returns it as a `PathBuf` that is safe to join under
 /// a directory: relative, only normal components, no `..`, no NUL or control characters, bounded.
 pub fn check_relative_path(field: &str, path: &str) -> Result<PathBuf, JobError> {
@@ -419,7 +402,7 @@ impl StepJob {
         }
         let mut env = policy.file.env.clone();
         for (k, v) in &self.env {
-            check_env_var(k, v)?;
+            check_env_var(k, v).map_err(|reason| JobError::invalid(format!("env.{k}"), reason))?;
             env.insert(k.clone(), v.clone());
         }
 

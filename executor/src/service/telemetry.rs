@@ -18,7 +18,7 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::{LogFormat, TelemetrySection};
+use crate::service::config::{LogFormat, TelemetrySection};
 
 /// What the subscriber writes and exports.
 #[derive(Clone, Debug, Default)]

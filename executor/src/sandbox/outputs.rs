@@ -10,44 +10,12 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
-use crate::engine::sha256_hex;
-use crate::limits::{LimitKind, Limits};
+use crate::job::digest::sha256_hex;
+use crate::job::limits::{LimitKind, Limits};
+pub use crate::job::outcome::{OutputFile, OutputKind};
 
 /// Deepest directory nesting walked; deeper entries count as limit violations (`output_files`).
 const MAX_DEPTH: usize = 64;
-
-/// What kind of entry an output is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "type")]
-pub enum OutputKind {
-    /// A regular file.
-    File,
-    /// A symbolic link, reported with its target and never followed.
-    Symlink {
-        /// The link's target text.
-        target: String,
-    },
-}
-
-/// One file a step left.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct OutputFile {
-    /// Path relative to the directory it was found in, `/`-separated. Files under `/tmp` are not
-    /// outputs and are never listed.
-    pub path: String,
-    /// File or symlink.
-    #[serde(flatten)]
-    pub kind: OutputKind,
-    /// Size in bytes (0 for a symlink).
-    pub size: u64,
-    /// Hex sha256 of the content (of the empty string for a symlink).
-    pub sha256: String,
-    /// The content (not in JSON: the CLI writes files to `--output-dir`).
-    #[serde(skip)]
-    pub content: bytes::Bytes,
-}
 
 /// The files of a directory that count against the limits, as a walk found them.
 #[derive(Debug, Default)]

@@ -2,16 +2,16 @@
 //!
 //! Each job gets `<work_root>/job-<random>/` (mode 0700) holding the directories its layout maps
 //! into the guest. The directory is removed on drop, whatever the outcome; paths joined under it
-//! were validated by [`crate::request::check_relative_path`].
+//! were validated by [`crate::job::request::check_relative_path`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::engine::sha256_hex;
-use crate::outputs::Baseline;
-use crate::request::{Layout, ValidJob};
+use crate::job::digest::sha256_hex;
+use crate::job::request::{Layout, ValidJob};
+use crate::sandbox::outputs::Baseline;
 
 /// A guest path and the host directory behind it.
 #[derive(Clone, Debug)]

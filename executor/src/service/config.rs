@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::generate::ModelConfig;
-use crate::limits::{ByteSize, Millis};
+use crate::authoring::generate::ModelConfig;
+use crate::job::limits::{ByteSize, Millis};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -376,7 +376,7 @@ impl Config {
 pub fn hash_token(token: &str) -> String {
     format!(
         "sha256:{}",
-        crate::engine::sha256_hex(token.trim().as_bytes())
+        crate::job::digest::sha256_hex(token.trim().as_bytes())
     )
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{LimitError, LimitOverrides, LimitTable, Limits};
+use crate::job::limits::{LimitError, LimitOverrides, LimitTable, Limits};
 
 /// The policy a job gets when it names none.
 pub const DEFAULT_POLICY: &str = "default";
@@ -22,13 +22,19 @@ pub const DEFAULT_POLICY: &str = "default";
 const EMBEDDED: &[(&str, &str)] = &[
     (
         "default",
-        include_str!("../../sandbox-policies/default.toml"),
+        include_str!("../../../sandbox-policies/default.toml"),
     ),
-    ("strict", include_str!("../../sandbox-policies/strict.toml")),
-    ("heavy", include_str!("../../sandbox-policies/heavy.toml")),
+    (
+        "strict",
+        include_str!("../../../sandbox-policies/strict.toml"),
+    ),
+    (
+        "heavy",
+        include_str!("../../../sandbox-policies/heavy.toml"),
+    ),
     (
         "deterministic",
-        include_str!("../../sandbox-policies/deterministic.toml"),
+        include_str!("../../../sandbox-policies/deterministic.toml"),
     ),
 ];
 
@@ -92,7 +98,7 @@ impl Policy {
         })?;
         let (d, m) = (&file.limits.default, &file.limits.max);
         if let Some(kind) = d.first_above(m) {
-            if kind == crate::limits::LimitKind::Fuel && d.fuel.is_none() {
+            if kind == crate::job::limits::LimitKind::Fuel && d.fuel.is_none() {
                 bail!(
                     "policy file `{origin}`: key `limits.default.fuel` must be set because `limits.max.fuel` is"
                 );
@@ -111,8 +117,11 @@ impl Policy {
             );
         }
         for (k, v) in &file.env {
-            crate::request::check_env_var(k, v)
-                .with_context(|| format!("policy file `{origin}`: key `env.{k}`"))?;
+            check_env_var(k, v).map_err(|reason| {
+                anyhow::anyhow!(
+                    "policy file `{origin}`: key `env.{k}`: invalid `env.{k}`: {reason}"
+                )
+            })?;
         }
         Ok(Policy {
             name: name.to_string(),
@@ -206,6 +215,18 @@ impl PolicySet {
 pub fn json_schema() -> String {
     let schema = schemars::schema_for!(PolicyFile);
     serde_json::to_string_pretty(&schema).expect("a schema serialises") + "\n"
+}
+
+/// Checks one environment variable (a policy's `[env]` or a job's): a name of 1-1024 bytes
+/// without `=` or NUL, a value of at most 32 KiB without NUL. `Err` says what is wrong.
+pub fn check_env_var(key: &str, value: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.len() > 1024 || key.contains(['=', '\0']) {
+        return Err("a variable name must be 1-1024 bytes with no `=` or NUL");
+    }
+    if value.len() > 32 * 1024 || value.contains('\0') {
+        return Err("a value must be at most 32 KiB with no NUL");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,9 +9,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tonic::Status;
+use tonic::{Request, Response, Status};
 
-use crate::server::pb;
+use super::{StepService, tenant_of, traced};
+use crate::service::convert::bad;
+use crate::service::telemetry::rpc_span;
+
+use crate::pb;
 
 /// Runs per page when the request leaves `page_size` at 0.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -139,6 +143,64 @@ impl RunHistory {
             runs: page.into_iter().map(|(_, r)| r.clone()).collect(),
             next_page_token,
         })
+    }
+}
+
+impl StepService {
+    pub(super) async fn rpc_get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::RunRecord>, Status> {
+        let tenant = tenant_of(&request);
+        let span = rpc_span("GetRun", request.metadata(), &tenant.name);
+        let run_id = request.into_inner().run_id;
+        traced(span, async {
+            if run_id.is_empty() {
+                return Err(bad(
+                    "run_id",
+                    "is empty; pass the run_id of a RunStepResponse",
+                ));
+            }
+            let record = self.history.get(&tenant.name, &run_id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "run_id: no run {run_id:?} among this tenant's recent runs on this server"
+                ))
+            })?;
+            Ok(Response::new(pb::RunRecord::clone(&record)))
+        })
+        .await
+    }
+
+    pub(super) async fn rpc_list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let span = rpc_span("ListRuns", request.metadata(), &tenant.name);
+        let req = request.into_inner();
+        traced(span, async {
+            let status = match pb::Status::try_from(req.status) {
+                Ok(pb::Status::Unspecified) => None,
+                Ok(s) => Some(s),
+                Err(_) => {
+                    return Err(bad(
+                        "status",
+                        format!(
+                            "{} is not a Status; pass STATUS_UNSPECIFIED (0) for all runs or one of STATUS_SUCCEEDED (1) to STATUS_CHECKS_FAILED (8)",
+                            req.status
+                        ),
+                    ));
+                }
+            };
+            let page = self
+                .history
+                .list(&tenant.name, req.page_size, &req.page_token, status)?;
+            Ok(Response::new(pb::ListRunsResponse {
+                runs: page.runs.iter().map(|r| pb::RunRecord::clone(r)).collect(),
+                next_page_token: page.next_page_token,
+            }))
+        })
+        .await
     }
 }
 

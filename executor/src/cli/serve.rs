@@ -1,0 +1,154 @@
+//! `stepbox serve`: the gRPC service (and metrics) with the configuration from `stepbox.toml`,
+//! `STEPBOX_*` variables and flags.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::Executor;
+use crate::cli::GlobalArgs;
+use crate::job::limits::{ByteSize, Millis};
+use crate::service::config::Config;
+
+/// `stepbox serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:50051; port 0 picks a free one).
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// The configuration file (stepbox.toml; see `stepbox config check`). STEPBOX_* variables
+    /// override its keys and these flags override both.
+    #[arg(long, env = "STEPBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Jobs that run at once (default: the number of cores).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Jobs that may wait for a slot; past it, RESOURCE_EXHAUSTED (default: 4 x cores).
+    #[arg(long)]
+    pub queue: Option<usize>,
+    /// Largest request accepted (default 64MiB).
+    #[arg(long)]
+    pub max_message_size: Option<ByteSize>,
+    /// How long in-flight jobs may finish after SIGTERM/SIGINT before they are cancelled (default 10s).
+    #[arg(long)]
+    pub grace_period: Option<Millis>,
+    /// The configuration once loaded (for the log settings, before the command runs), so it is
+    /// read once.
+    #[arg(skip)]
+    loaded: OnceLock<Box<Config>>,
+}
+
+impl ServeArgs {
+    /// The configuration: the file (or defaults), `STEPBOX_*` overrides, then these flags.
+    /// Loaded once: later calls return the same configuration.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        if let Some(c) = self.loaded.get() {
+            return Ok(Config::clone(c));
+        }
+        let mut c = Config::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(a) = self.addr {
+            c.server.addr = a;
+        }
+        if let Some(n) = self.concurrency {
+            c.server.concurrency = Some(n);
+        }
+        if let Some(n) = self.queue {
+            c.server.queue = Some(n);
+        }
+        if let Some(s) = self.max_message_size {
+            c.server.max_message_size = s;
+        }
+        if let Some(g) = self.grace_period {
+            c.server.grace_period = g;
+        }
+        c.check()?;
+        Ok(Config::clone(self.loaded.get_or_init(|| Box::new(c))))
+    }
+
+    pub(crate) async fn execute(self, mut global: GlobalArgs) -> anyhow::Result<()> {
+        let config = self.config()?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        global.work_root = global.work_root.or(config.work_root.clone());
+        global.cache_dir = global.cache_dir.or(config.cache_dir.clone());
+        global.policies_dir = global.policies_dir.or(config.policies_dir.clone());
+        global.python_component = global.python_component.or(config.python_component.clone());
+        let mut options = crate::service::ServerOptions::default();
+        if let Some(n) = config.server.concurrency {
+            options.concurrency = n;
+        }
+        if let Some(n) = config.server.queue {
+            options.queue = n;
+        }
+        options.max_message_bytes =
+            usize::try_from(config.server.max_message_size.0).unwrap_or(usize::MAX);
+        options.grace = config.server.grace_period.0;
+        options.model = config.model.clone();
+        options.tls = config.tls.clone();
+        options.run_history = config.server.run_history;
+        options.tenants = std::sync::Arc::new(crate::service::tenancy::Tenants::from_config(
+            &config.tenants,
+        )?);
+        let addr = config.server.addr;
+        if !options.tenants.required() {
+            if addr.ip().is_loopback() {
+                tracing::info!("no tenants configured: serving unauthenticated on loopback");
+            } else {
+                tracing::warn!(%addr, "serving WITHOUT authentication on a non-loopback address (server.allow_unauthenticated = true)");
+                eprintln!(
+                    "stepbox: warning: serving without authentication on {addr}: anyone who can connect may run code"
+                );
+            }
+        }
+
+        let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
+        if let Err(e) = executor.warm_up().await {
+            tracing::warn!(error = %e, "the python runtime is not ready; python jobs will be refused");
+        }
+        if let Some(m) = &config.metrics {
+            let listener = tokio::net::TcpListener::bind(m.addr)
+                .await
+                .with_context(|| format!("failed to listen for metrics on {}", m.addr))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            tokio::spawn(crate::service::metrics::serve_metrics(
+                options.metrics.clone(),
+                listener,
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {local}")?;
+            out.flush()?;
+        }
+        tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, tls = options.tls.is_some(), "serving");
+        if options.tls.is_some() {
+            let reload = options.reload.clone();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the TLS certificate and key");
+                    reload.notify_one();
+                }
+            });
+        }
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        crate::service::serve(executor, listener, options, shutdown).await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod authoring;
+pub mod catalog;
 pub mod cli;
 pub mod executor;
 pub mod job;

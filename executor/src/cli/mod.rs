@@ -16,6 +16,7 @@ pub mod io;
 pub mod policy;
 pub mod run;
 pub mod serve;
+pub mod step;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ pub use crate::cli::io::write_outputs;
 pub use crate::cli::policy::PolicyCommand;
 pub use crate::cli::run::RunArgs;
 pub use crate::cli::serve::ServeArgs;
+pub use crate::cli::step::StepCommand;
 use crate::job::policy::PolicySet;
 use crate::job::request::JobError;
 
@@ -88,6 +90,9 @@ pub enum Command {
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The step catalog: publish, promote, run by reference.
+    #[command(subcommand)]
+    Step(StepCommand),
 }
 
 impl GlobalArgs {
@@ -156,6 +161,7 @@ impl Cli {
             Command::Import(args) => args.execute(&self.global).await,
             Command::Config(cmd) => cmd.execute().map(|()| 0),
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
+            Command::Step(cmd) => cmd.execute().await,
         };
         match result {
             Ok(code) => ExitCode::from(code),

@@ -41,6 +41,8 @@ pub struct Config {
     pub telemetry: Option<TelemetrySection>,
     /// The model `GenerateStep` asks.
     pub model: ModelConfig,
+    /// The step catalog: where it is stored and its stages.
+    pub catalog: CatalogSection,
     /// Who may call, and within which quotas. None: no authentication (loopback only, unless
     /// `server.allow_unauthenticated`).
     pub tenants: Vec<TenantConfig>,
@@ -157,6 +159,69 @@ pub struct LogSection {
     pub filter: Option<String>,
 }
 
+/// `[catalog]`: the step catalog's database and stages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogSection {
+    /// `sqlite://PATH` or `postgres://USER:PASSWORD@HOST/DB` (several replicas share one
+    /// PostgreSQL). Default: the embedded SQLite file `$XDG_DATA_HOME/stepbox/catalog.db`
+    /// (`~/.local/share/stepbox/catalog.db`), the same one the CLI uses.
+    pub database: Option<String>,
+    /// The stages, in order: the first is the only one an unverified version may enter.
+    /// Default: `dev`, `staging`, `prod`, each running under the version's own policy.
+    pub stages: Vec<crate::catalog::StageConfig>,
+    /// How often a replica re-reads the catalog's change counter: the longest a stage reference
+    /// keeps resolving to its previous version after another replica promoted (default 1s).
+    pub refresh: Millis,
+    /// Finished runs kept per tenant in the store's run history (default 1000; 0: none).
+    pub run_history: usize,
+    /// Finished runs older than this are dropped from the store's run history (default 30 days).
+    pub run_retention: Millis,
+}
+
+impl Default for CatalogSection {
+    fn default() -> Self {
+        CatalogSection {
+            database: None,
+            stages: crate::catalog::default_stages(),
+            refresh: Millis(crate::catalog::DEFAULT_REFRESH),
+            run_history: 1000,
+            run_retention: Millis(std::time::Duration::from_secs(30 * 24 * 3600)),
+        }
+    }
+}
+
+impl CatalogSection {
+    /// The database URL: the configured one, or the default SQLite file.
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        match &self.database {
+            Some(url) => Ok(url.clone()),
+            None => stepbox_store::Store::default_sqlite_path()
+                .map(|p| stepbox_store::Store::sqlite_url(&p))
+                .context(
+                    "no catalog database configured and no home directory for the default \
+                     (set [catalog] database, STEPBOX_CATALOG_DATABASE or XDG_DATA_HOME)",
+                ),
+        }
+    }
+}
+
+/// What a tenant may do with the step catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatalogPermission {
+    /// Run published steps by reference.
+    Run,
+    /// Publish new versions.
+    Publish,
+    /// Move stages (promote, roll back).
+    Promote,
+}
+
+fn default_catalog_permissions() -> Vec<CatalogPermission> {
+    vec![CatalogPermission::Run]
+}
+
 /// `[[tenants]]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,11 +247,27 @@ pub struct TenantConfig {
     /// Requests allowed in a burst above the rate (default: the rate, at least 1).
     #[serde(default)]
     pub burst: Option<u32>,
+    /// What the tenant may do with the catalog: `run`, `publish`, `promote` (default: `run`).
+    #[serde(default = "default_catalog_permissions")]
+    pub catalog: Vec<CatalogPermission>,
+    /// Which published steps the tenant may see and run: names, or patterns with `*` (e.g.
+    /// `billing-*`); empty: all. A step it may not see is `NOT_FOUND`, like one that does not
+    /// exist.
+    #[serde(default)]
+    pub steps: Vec<String>,
 }
 
 /// The variables that are not overrides.
 const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
-const SECTIONS: &[&str] = &["server", "tls", "metrics", "log", "model", "telemetry"];
+const SECTIONS: &[&str] = &[
+    "server",
+    "tls",
+    "metrics",
+    "log",
+    "model",
+    "telemetry",
+    "catalog",
+];
 const TOP_LEVEL: &[&str] = &[
     "work_root",
     "cache_dir",
@@ -538,6 +619,8 @@ mod tests {
                 concurrency: 0,
                 rate_per_second: 0.0,
                 burst: None,
+                catalog: vec![crate::service::config::CatalogPermission::Run],
+                steps: Vec::new(),
             }],
             telemetry: Some(TelemetrySection {
                 otlp_endpoint: "https://collector.example:4317".into(),

@@ -231,6 +231,8 @@ mod tests {
             concurrency: 1,
             rate_per_second: 1.0,
             burst: Some(2),
+            catalog: vec![crate::service::config::CatalogPermission::Run],
+            steps: Vec::new(),
         }
     }
 

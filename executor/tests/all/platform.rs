@@ -73,6 +73,8 @@ async fn tenants_authenticate_and_stay_within_policies_quotas_and_rates() {
             concurrency: 1,
             rate_per_second: 0.0,
             burst: None,
+            catalog: vec![stepbox::service::config::CatalogPermission::Run],
+            steps: Vec::new(),
         },
         TenantConfig {
             name: "slow".into(),
@@ -82,6 +84,8 @@ async fn tenants_authenticate_and_stay_within_policies_quotas_and_rates() {
             concurrency: 0,
             rate_per_second: 0.5,
             burst: Some(1),
+            catalog: vec![stepbox::service::config::CatalogPermission::Run],
+            steps: Vec::new(),
         },
     ])
     .unwrap();
@@ -328,6 +332,8 @@ async fn a_tenant_sees_only_its_own_runs() {
         concurrency: 0,
         rate_per_second: 0.0,
         burst: None,
+        catalog: vec![stepbox::service::config::CatalogPermission::Run],
+        steps: Vec::new(),
     };
     let tenants = Tenants::from_config(&[tenant("acme"), tenant("globex")]).unwrap();
     let (addr, stop, _work) = start(

@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("stepbox_descriptor.bin"))
         .compile_protos(
-            &[PathBuf::from("../proto/stepbox/v1/executor.proto")],
+            &[
+                PathBuf::from("../proto/stepbox/v1/executor.proto"),
+                PathBuf::from("../proto/stepbox/v1/catalog.proto"),
+            ],
             &[PathBuf::from("../proto"), well_known],
         )?;
     Ok(())

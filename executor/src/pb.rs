@@ -1,4 +1,5 @@
-//! The generated gRPC contract for `stepbox.v1` (from `proto/`), shared by the service and the
+//! The generated gRPC contract for `stepbox.v1` (`proto/stepbox/v1/executor.proto` and
+//! `catalog.proto`: `StepExecutor` and `StepCatalog`), shared by the service and the
 //! CLI's clients. Nothing in the core ([`crate::job`], [`crate::sandbox`]) uses it.
 
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -316,6 +316,13 @@ pub fn response_from(
         stderr_sha256: m.stderr_sha256.clone(),
         outputs: digests(&m.outputs),
         digest: m.digest.clone(),
+        step_name: m.step.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+        step_version: m.step.as_ref().map_or(0, |s| s.version),
+        step_digest: m
+            .step
+            .as_ref()
+            .map(|s| s.digest.clone())
+            .unwrap_or_default(),
     };
     let u = &r.usage;
     pb::RunStepResponse {

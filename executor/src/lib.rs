@@ -43,6 +43,7 @@ pub mod job;
 pub mod pb;
 pub mod sandbox;
 pub mod service;
+pub mod workflow;
 
 pub use crate::executor::{
     Executor, ExecutorConfig, RunOptions, default_cache_dir, default_work_root,

@@ -27,6 +27,7 @@ mod catalog;
 mod error;
 mod runs;
 mod types;
+mod workflows;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

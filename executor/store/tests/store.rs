@@ -809,8 +809,8 @@ mod cases {
         );
     }
 
-    /// The database at the previous schema (only migration 0001, the catalog) with a version in
-    /// it; opening upgrades it (0002 adds the run history) and keeps the data.
+    /// The database at the previous schema (every migration but the newest: 0003 adds workflow
+    /// runs) with a version in it; opening upgrades it and keeps the data.
     pub async fn upgrade_from_previous_schema(db: &TestDb) {
         let dir = tempfile::tempdir().unwrap();
         let backend = match db.backend {
@@ -850,8 +850,13 @@ mod cases {
                     .execute(&mut conn)
                     .await
                     .unwrap();
-                let runs = sqlx::query("SELECT 1 FROM runs").fetch_all(&mut conn).await;
-                assert!(runs.is_err(), "the previous schema has no runs table");
+                let runs = sqlx::query("SELECT 1 FROM workflow_runs")
+                    .fetch_all(&mut conn)
+                    .await;
+                assert!(
+                    runs.is_err(),
+                    "the previous schema has no workflow_runs table"
+                );
                 conn.close().await.unwrap();
             }
             Backend::Postgres => {
@@ -874,9 +879,18 @@ mod cases {
         assert_eq!(old.document, json!({"a": 1}));
         assert_eq!(old.description, "from before");
         store
-            .record_run("t", "r", 1, "SUCCEEDED", b"new table")
+            .record_run("t", "r", 1, "SUCCEEDED", b"kept table")
             .await
             .unwrap();
+        store
+            .save_workflow_run("t", "w1", "report", "failed", &json!({"steps": []}))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_workflow_run("t", "w1").await.unwrap(),
+            Some(json!({"steps": []}))
+        );
+        assert_eq!(store.get_workflow_run("other", "w1").await.unwrap(), None);
         let (v2, created) = store
             .publish_version(&version("old", 2, VersionState::Verified))
             .await

@@ -17,3 +17,4 @@ mod platform;
 mod python;
 mod telemetry;
 mod wasm;
+mod workflow;

@@ -1,0 +1,267 @@
+//! Workflows through the library: a catalog step and a program step chained on a real SQLite
+//! catalog and real sandboxed runs; failures stop successors, independent branches finish, a
+//! resumed run reuses what succeeded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use stepbox::catalog::{Blob, Case, Catalog, CheckSpec, Origin, StepDefinition, StepRef};
+use stepbox::workflow::artifacts::Artifacts;
+use stepbox::workflow::model::WorkflowFile;
+use stepbox::workflow::{StepState, WorkflowError, WorkflowEvent, Workflows};
+
+use crate::common;
+
+const PIVOT: &str = r#"
+import csv, collections
+totals = collections.Counter()
+with open("/input/sales.csv", newline="") as f:
+    for row in csv.DictReader(f):
+        totals[(row["month"], row["rep"])] += int(row["amount"])
+with open("/output/monthly_by_rep.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["month", "rep", "amount"])
+    for (m, r), a in sorted(totals.items()):
+        w.writerow([m, r, a])
+print(len(totals), "groups")
+"#;
+
+const SALES: &str = "month,rep,amount\n2026-01,ana,10\n2026-01,ana,5\n2026-01,bo,7\n2026-02,bo,1\n";
+const PIVOTED: &str = "month,rep,amount\r\n2026-01,ana,15\r\n2026-01,bo,7\r\n2026-02,bo,1\r\n";
+
+const SUMMARY: &str = r##"
+import csv
+rows = list(csv.DictReader(open("/input/monthly_by_rep.csv")))
+total = sum(int(r["amount"]) for r in rows)
+open("/output/report.md", "w").write(f"# Monthly report\n\n{len(rows)} rows, total {total}\n")
+"##;
+
+async fn catalog(dir: &Path) -> Arc<Catalog> {
+    let store =
+        stepbox_store::Store::open(&stepbox_store::Store::sqlite_url(&dir.join("catalog.db")))
+            .await
+            .unwrap();
+    let executor = Arc::new(common::new_executor(&dir.join("work")));
+    let catalog = Catalog::new(store, executor, stepbox::catalog::default_stages(), None)
+        .await
+        .unwrap();
+    let def = StepDefinition {
+        name: "monthly-by-rep".into(),
+        description: "Totals sales by month and rep".into(),
+        runtime: "python".into(),
+        program: Blob::Text(PIVOT.into()),
+        filename: None,
+        layout: "input-output".into(),
+        policy: "default".into(),
+        env: BTreeMap::new(),
+        cases: vec![Case {
+            name: "sample".into(),
+            inputs: BTreeMap::from([("sales.csv".into(), Blob::Text(SALES.into()))]),
+            checks: vec![CheckSpec {
+                kind: "file_csv_equals".into(),
+                path: Some("monthly_by_rep.csv".into()),
+                expected: Some(Blob::Text(PIVOTED.into())),
+                ..CheckSpec::default()
+            }],
+            ..Case::default()
+        }],
+        contract: vec![CheckSpec {
+            kind: "file_exists".into(),
+            path: Some("monthly_by_rep.csv".into()),
+            ..CheckSpec::default()
+        }],
+        origin: Origin::Api,
+    };
+    let published = catalog.publish(&def, "test", false).await.unwrap();
+    assert!(published.version.is_some(), "{:?}", published.cases);
+    let r = StepRef::parse("ref", "monthly-by-rep@v1").unwrap();
+    let promoted = catalog.promote(&r, "prod", "test").await.unwrap();
+    assert!(promoted.promoted, "{}", promoted.reason);
+    Arc::new(catalog)
+}
+
+fn workflow(summary: &str, extra: &str) -> WorkflowFile {
+    let text = format!(
+        r#"
+name = "monthly-report"
+[inputs]
+sales = "sales.csv"
+[[steps]]
+id = "pivot"
+uses = "monthly-by-rep@prod"
+inputs = {{ "sales.csv" = "inputs.sales" }}
+[[steps]]
+id = "summary"
+program = "summary.py"
+source = {summary:?}
+inputs = {{ "monthly_by_rep.csv" = "steps.pivot.outputs.monthly_by_rep.csv" }}
+{extra}
+[outputs]
+report = "steps.summary.outputs.report.md"
+"#
+    );
+    toml::from_str(&text).unwrap()
+}
+
+fn inputs() -> BTreeMap<String, bytes::Bytes> {
+    BTreeMap::from([("sales".into(), bytes::Bytes::from_static(SALES.as_bytes()))])
+}
+
+#[tokio::test]
+async fn a_catalog_step_feeds_a_program_step_and_a_failure_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = catalog(dir.path()).await;
+    let artifacts = Arc::new(Artifacts::open(&dir.path().join("artifacts")).unwrap());
+    let wf = Workflows::new(catalog, artifacts, 2);
+
+    // The minimal form runs: the report is the summary of the pivot of the input.
+    let plan = workflow(SUMMARY, "").plan().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = wf.run(&plan, inputs(), None, Some(tx)).await.unwrap();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert!(run.verify());
+    let report = wf.output(&run, "report").unwrap();
+    assert_eq!(&report[..], b"# Monthly report\n\n3 rows, total 23\n");
+    assert_eq!(run.steps[0].version, "monthly-by-rep@v1");
+    assert_eq!(run.steps[0].version_digest.len(), 64);
+    assert!(!run.steps[0].checks.is_empty());
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    assert!(matches!(&events[0], WorkflowEvent::Queued(s) if s == "pivot"));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, WorkflowEvent::Finished(r) if r.id == "summary" && r.state == StepState::Succeeded))
+    );
+
+    // A failing second step: the pivot's result stands, the summary fails, and an independent
+    // branch still finishes.
+    let branch = r#"
+[[steps]]
+id = "count"
+program = "count.py"
+source = "print(len(open('/input/s.csv').read().splitlines()))"
+inputs = { "s.csv" = "inputs.sales" }
+"#;
+    let failing = workflow("raise SystemExit(3)", branch).plan().unwrap();
+    let failed = wf.run(&failing, inputs(), None, None).await.unwrap();
+    assert_eq!(failed.status, "failed");
+    let state = |r: &stepbox::workflow::WorkflowRunRecord, id: &str| {
+        r.steps.iter().find(|s| s.id == id).unwrap().clone()
+    };
+    assert_eq!(state(&failed, "pivot").state, StepState::Succeeded);
+    assert_eq!(state(&failed, "summary").state, StepState::Failed);
+    assert_eq!(state(&failed, "summary").status, "FAILED");
+    assert_eq!(state(&failed, "count").state, StepState::Succeeded);
+    assert!(failed.outputs.is_empty());
+
+    // Resuming with the summary fixed reuses the pivot and the branch (same run ids: they did
+    // not run again) and runs only the summary.
+    let fixed = workflow(SUMMARY, branch).plan().unwrap();
+    let resumed = wf.run(&fixed, inputs(), Some(&failed), None).await.unwrap();
+    assert_eq!(resumed.status, "succeeded", "{resumed:#?}");
+    assert_eq!(resumed.resumed_from, failed.run_id);
+    for id in ["pivot", "count"] {
+        assert_eq!(state(&resumed, id).state, StepState::Reused);
+        assert_eq!(state(&resumed, id).run_id, state(&failed, id).run_id);
+    }
+    assert_eq!(state(&resumed, "summary").state, StepState::Succeeded);
+    assert_ne!(
+        state(&resumed, "summary").run_id,
+        state(&failed, "summary").run_id
+    );
+
+    // Different input: nothing is reused.
+    let other = BTreeMap::from([(
+        "sales".into(),
+        bytes::Bytes::from_static(b"month,rep,amount\n2026-03,cy,2\n"),
+    )]);
+    let again = wf.run(&fixed, other, Some(&failed), None).await.unwrap();
+    assert_eq!(state(&again, "pivot").state, StepState::Succeeded);
+    assert_ne!(
+        state(&again, "pivot").run_id,
+        state(&failed, "pivot").run_id
+    );
+}
+
+#[tokio::test]
+async fn wires_are_checked_against_versions_and_files_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = catalog(dir.path()).await;
+    let artifacts = Arc::new(Artifacts::open(&dir.path().join("artifacts")).unwrap());
+    let wf = Workflows::new(catalog, artifacts, 2);
+
+    // A wire to a file the catalog version does not write is refused before anything runs.
+    let mut bad = workflow(SUMMARY, "");
+    bad.steps[1].inputs.insert(
+        "monthly_by_rep.csv".into(),
+        "steps.pivot.outputs.totals.csv".into(),
+    );
+    let e = wf
+        .run(&bad.plan().unwrap(), inputs(), None, None)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, WorkflowError::Invalid { .. }), "{msg}");
+    assert!(
+        msg.contains("steps.summary.inputs.monthly_by_rep.csv")
+            && msg.contains("does not write `totals.csv`")
+            && msg.contains("monthly_by_rep.csv"),
+        "{msg}"
+    );
+
+    // An unknown catalog reference and a missing workflow input are refused by name.
+    let mut unknown = workflow(SUMMARY, "");
+    unknown.steps[0].uses = Some("no-such-step@prod".into());
+    let e = wf
+        .run(&unknown.plan().unwrap(), inputs(), None, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("step `pivot`"), "{e}");
+    let e = wf
+        .run(
+            &workflow(SUMMARY, "").plan().unwrap(),
+            BTreeMap::new(),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("inputs.sales"), "{e}");
+
+    // A program step that does not write the file its successor reads: the successor is
+    // skipped with a message naming both.
+    let text = r#"
+name = "gap"
+[inputs]
+sales = "sales.csv"
+[[steps]]
+id = "first"
+program = "first.py"
+source = "open('/output/other.txt', 'w').write('x')"
+inputs = { "s.csv" = "inputs.sales" }
+[[steps]]
+id = "second"
+program = "second.py"
+source = "print(open('/input/r.txt').read())"
+inputs = { "r.txt" = "steps.first.outputs.result.txt" }
+"#;
+    let plan = toml::from_str::<WorkflowFile>(text)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let run = wf.run(&plan, inputs(), None, None).await.unwrap();
+    assert_eq!(run.status, "failed");
+    let second = run.steps.iter().find(|s| s.id == "second").unwrap();
+    assert_eq!(second.state, StepState::Skipped);
+    assert!(
+        second
+            .message
+            .contains("`first` did not write `result.txt`"),
+        "{}",
+        second.message
+    );
+}

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod run;
 pub mod serve;
 pub mod step;
+pub mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,7 @@ pub use crate::cli::policy::PolicyCommand;
 pub use crate::cli::run::RunArgs;
 pub use crate::cli::serve::ServeArgs;
 pub use crate::cli::step::StepCommand;
+pub use crate::cli::workflow::WorkflowCommand;
 use crate::job::policy::PolicySet;
 use crate::job::request::JobError;
 
@@ -93,6 +95,9 @@ pub enum Command {
     /// The step catalog: publish, promote, run by reference.
     #[command(subcommand)]
     Step(StepCommand),
+    /// Workflows: steps chained output to input.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
 }
 
 impl GlobalArgs {
@@ -162,6 +167,7 @@ impl Cli {
             Command::Config(cmd) => cmd.execute().map(|()| 0),
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
             Command::Step(cmd) => cmd.execute().await,
+            Command::Workflow(cmd) => cmd.execute(&self.global).await,
         };
         match result {
             Ok(code) => ExitCode::from(code),

@@ -331,14 +331,14 @@ impl Workflows {
                     break;
                 }
                 pending.remove(i);
-                let prepared = self.prepare(s, &files).await;
+                let prepared = self.prepare(&plan.name, s, &files).await;
                 match prepared {
                     Err(PrepareError::Missing(msg)) => {
                         let rec = self.skipped(s, msg);
                         send(WorkflowEvent::Finished(Box::new(rec.clone())));
                         records.insert(s.id.clone(), rec);
                     }
-                    Err(PrepareError::Fatal(e)) => return Err(e),
+                    Err(PrepareError::Fatal(e)) => return Err(*e),
                     Ok(p) => {
                         if let Some(prev) = previous.get(s.id.as_str())
                             && matches!(prev.state, StepState::Succeeded | StepState::Reused)
@@ -480,7 +480,12 @@ impl Workflows {
 
     /// Resolves the step and gathers its inputs; a wired file its upstream did not write is
     /// `Missing` (the step is skipped with that message).
-    async fn prepare(&self, s: &PlannedStep, files: &Files) -> Result<Prepared, PrepareError> {
+    async fn prepare(
+        &self,
+        workflow: &str,
+        s: &PlannedStep,
+        files: &Files,
+    ) -> Result<Prepared, PrepareError> {
         let get = |w: &Wire| -> Result<bytes::Bytes, PrepareError> {
             files.get(w).cloned().ok_or_else(|| {
                 PrepareError::Missing(match w {
@@ -509,20 +514,20 @@ impl Workflows {
         let (job, checks, version, step_version) = match &s.kind {
             StepKind::Catalog(r) => {
                 let resolved = self.catalog.resolve(r).await.map_err(|error| {
-                    PrepareError::Fatal(WorkflowError::Catalog {
-                        workflow: String::new(),
+                    PrepareError::Fatal(Box::new(WorkflowError::Catalog {
+                        workflow: workflow.to_string(),
                         step: s.id.clone(),
                         error,
-                    })
+                    }))
                 })?;
                 let (job, checks) = resolved
                     .job(inputs, stdin.clone(), s.args.clone(), Vec::new())
                     .map_err(|error| {
-                        PrepareError::Fatal(WorkflowError::Catalog {
-                            workflow: String::new(),
+                        PrepareError::Fatal(Box::new(WorkflowError::Catalog {
+                            workflow: workflow.to_string(),
                             step: s.id.clone(),
                             error,
-                        })
+                        }))
                     })?;
                 let v = resolved.version.manifest_ref();
                 (job, checks, resolved.version.label(), Some(v))
@@ -628,5 +633,5 @@ struct Prepared {
 
 enum PrepareError {
     Missing(String),
-    Fatal(WorkflowError),
+    Fatal(Box<WorkflowError>),
 }

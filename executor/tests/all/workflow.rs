@@ -265,3 +265,121 @@ inputs = { "r.txt" = "steps.first.outputs.result.txt" }
         second.message
     );
 }
+
+#[tokio::test]
+async fn the_cli_runs_checks_and_resumes_a_workflow_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The catalog step is published through the library into the file the CLI then opens.
+    drop(catalog(d).await);
+    let url = stepbox_store::Store::sqlite_url(&d.join("catalog.db"));
+    std::fs::write(d.join("sales.csv"), SALES).unwrap();
+    std::fs::write(d.join("summary.py"), "raise SystemExit(3)\n").unwrap();
+    std::fs::write(
+        d.join("workflow.toml"),
+        r#"
+name = "monthly-report"
+[inputs]
+sales = "sales.csv"
+[[steps]]
+id = "pivot"
+uses = "monthly-by-rep@prod"
+inputs = { "sales.csv" = "inputs.sales" }
+[[steps]]
+id = "summary"
+program = "summary.py"
+inputs = { "monthly_by_rep.csv" = "steps.pivot.outputs.monthly_by_rep.csv" }
+[outputs]
+report = "steps.summary.outputs.report.md"
+"#,
+    )
+    .unwrap();
+    let stepbox = |args: &[&str]| {
+        let out = common::stepbox_command(d)
+            .env("XDG_DATA_HOME", d.join("data"))
+            .env("STEPBOX_CATALOG_DATABASE", &url)
+            .env_remove("STEPBOX_CONFIG")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = stepbox(&["workflow", "check", "workflow.toml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("workflow `monthly-report` OK: 2 steps"),
+        "{out}"
+    );
+
+    // The summary fails: exit 1, plain progress lines (stderr is not a terminal), and a hint
+    // to resume with the run id.
+    let (code, out, err) = stepbox(&[
+        "workflow",
+        "run",
+        "workflow.toml",
+        "--input",
+        "sales=sales.csv",
+        "--output-dir",
+        "out",
+        "--json",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    let failed: stepbox::workflow::WorkflowRunRecord = serde_json::from_str(&out).unwrap();
+    assert_eq!(failed.status, "failed");
+    assert!(err.contains("pivot: succeeded"), "{err}");
+    assert!(err.contains("summary: FAILED"), "{err}");
+    assert!(!d.join("out/report.md").exists());
+
+    // Fixed and resumed: the pivot is reused, the report is written.
+    std::fs::write(d.join("summary.py"), SUMMARY).unwrap();
+    let (code, _, err) = stepbox(&[
+        "workflow",
+        "run",
+        "workflow.toml",
+        "--input",
+        "sales=sales.csv",
+        "--output-dir",
+        "out",
+        "--resume",
+        &failed.run_id,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("pivot: reused from the resumed run"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("out/report.md")).unwrap(),
+        "# Monthly report\n\n3 rows, total 23\n"
+    );
+
+    // Bad requests exit 2 naming what is wrong.
+    let (code, _, err) = stepbox(&[
+        "workflow",
+        "run",
+        "workflow.toml",
+        "--input",
+        "sale=sales.csv",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("inputs.sale"), "{err}");
+    let (code, _, err) = stepbox(&[
+        "workflow",
+        "run",
+        "workflow.toml",
+        "--input",
+        "sales=sales.csv",
+        "--resume",
+        "nope",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no workflow run `nope`"), "{err}");
+    std::fs::write(d.join("bad.toml"), "name = \"x\"\n[[steps]]\nid = \"a\"\nprogram = \"summary.py\"\ninputs = { \"f\" = \"inputs.missing\" }\n").unwrap();
+    let (code, _, err) = stepbox(&["workflow", "check", "bad.toml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("steps.a.inputs.f") && err.contains("bad.toml"),
+        "{err}"
+    );
+}

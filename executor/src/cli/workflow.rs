@@ -1,0 +1,305 @@
+//! `stepbox workflow`: check and run `workflow.toml` on the embedded catalog, with a live view
+//! of the steps on a terminal and plain lines otherwise.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use crate::catalog::Catalog;
+use crate::cli::GlobalArgs;
+use crate::workflow::artifacts::Artifacts;
+use crate::workflow::model::WorkflowFile;
+use crate::workflow::{StepState, WorkflowEvent, WorkflowRunRecord, Workflows};
+use crate::{Executor, JobError};
+
+/// Where the catalog is.
+#[derive(Debug, Args, Default)]
+pub struct CatalogArgs {
+    /// The catalog database (`sqlite://PATH` or `postgres://...`; default: the configuration's
+    /// `[catalog] database`, else `~/.local/share/stepbox/catalog.db`).
+    #[arg(long, env = "STEPBOX_CATALOG_DATABASE")]
+    pub catalog: Option<String>,
+    /// The configuration file (for `[catalog]` stages and database).
+    #[arg(long, env = "STEPBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl CatalogArgs {
+    /// Opens the catalog these flags name, on an executor from `global`.
+    pub async fn open(&self, global: &GlobalArgs) -> anyhow::Result<Arc<Catalog>> {
+        let config =
+            crate::service::config::Config::load(self.config.as_deref(), std::env::vars())?;
+        let url = match &self.catalog {
+            Some(u) => u.clone(),
+            None => config.catalog.database_url()?,
+        };
+        let store = stepbox_store::Store::open(&url).await?;
+        let executor = Arc::new(Executor::new(global.executor_config()?)?);
+        let catalog = Catalog::new(store, executor, config.catalog.stages.clone(), None).await?;
+        Ok(Arc::new(catalog))
+    }
+}
+
+/// `stepbox workflow ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Check a workflow file: its shape, its catalog references and its wires.
+    Check {
+        /// The workflow file.
+        file: PathBuf,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// Run a workflow file now.
+    Run(WorkflowRunArgs),
+}
+
+/// `stepbox workflow run`.
+#[derive(Debug, Args)]
+pub struct WorkflowRunArgs {
+    /// The workflow file.
+    pub file: PathBuf,
+    /// A workflow input, `NAME=PATH`.
+    #[arg(long = "input", value_name = "NAME=PATH")]
+    pub inputs: Vec<String>,
+    /// Where to write the workflow's outputs: each as its output name plus the file's extension
+    /// (`report = "steps.summary.outputs.report.md"` is written as `report.md`).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Print the run record as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Resume this failed run: steps whose version, policy and inputs are unchanged are reused.
+    #[arg(long, value_name = "RUN_ID")]
+    pub resume: Option<String>,
+    /// Steps that run at once (default: the number of cores).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// The catalog.
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+}
+
+/// The tenant name local runs are recorded under.
+const LOCAL_TENANT: &str = "local";
+
+impl WorkflowCommand {
+    pub(crate) async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
+        match self {
+            WorkflowCommand::Check { file, catalog } => {
+                let wf = WorkflowFile::load(&file).map_err(anyhow::Error::msg)?;
+                let plan = wf.plan().map_err(|e| bad_file(&file, e))?;
+                let catalog = catalog.open(global).await?;
+                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 1);
+                runner.check(&plan).await.map_err(invalid)?;
+                println!(
+                    "{}: workflow `{}` OK: {} steps, inputs: {}, outputs: {}",
+                    file.display(),
+                    plan.name,
+                    plan.steps.len(),
+                    plan.inputs.keys().cloned().collect::<Vec<_>>().join(", "),
+                    plan.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                Ok(0)
+            }
+            WorkflowCommand::Run(args) => args.execute(global).await,
+        }
+    }
+}
+
+fn bad_file(file: &std::path::Path, e: crate::catalog::ModelError) -> anyhow::Error {
+    anyhow::Error::new(JobError::invalid(
+        e.field,
+        format!("{} (in `{}`)", e.reason, file.display()),
+    ))
+}
+
+/// Workflow refusals are bad requests (exit 2); the rest are host failures (exit 10).
+fn invalid(e: crate::workflow::WorkflowError) -> anyhow::Error {
+    use crate::workflow::WorkflowError as E;
+    match e {
+        E::Invalid { .. } | E::NoSuchRun(_) => {
+            anyhow::Error::new(JobError::invalid("workflow", e.to_string()))
+        }
+        E::Catalog { ref error, .. }
+            if matches!(
+                error,
+                crate::catalog::CatalogError::NotFound(_)
+                    | crate::catalog::CatalogError::Invalid(_)
+            ) =>
+        {
+            anyhow::Error::new(JobError::invalid("workflow", e.to_string()))
+        }
+        other => anyhow::Error::new(JobError::Internal(anyhow::anyhow!("{other}"))),
+    }
+}
+
+fn artifacts() -> anyhow::Result<Artifacts> {
+    let dir = Artifacts::default_dir()
+        .context("no home directory for the artifact store (set XDG_DATA_HOME)")?;
+    Artifacts::open(&dir).map_err(anyhow::Error::msg)
+}
+
+impl WorkflowRunArgs {
+    async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
+        let wf = WorkflowFile::load(&self.file).map_err(anyhow::Error::msg)?;
+        let plan = wf.plan().map_err(|e| bad_file(&self.file, e))?;
+        let mut inputs = BTreeMap::new();
+        for spec in &self.inputs {
+            let (name, path) = spec.split_once('=').with_context(|| {
+                format!("--input `{spec}` is not NAME=PATH (e.g. sales=sales.csv)")
+            })?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("failed to read input `{path}`"))?;
+            if inputs
+                .insert(name.to_string(), bytes::Bytes::from(bytes))
+                .is_some()
+            {
+                bail!("--input `{name}` is given twice");
+            }
+        }
+        let catalog = self.catalog.open(global).await?;
+        let store = catalog.store().clone();
+        let previous = match &self.resume {
+            Some(id) => {
+                let v = store
+                    .get_workflow_run(LOCAL_TENANT, id)
+                    .await?
+                    .ok_or_else(|| {
+                        invalid(crate::workflow::WorkflowError::NoSuchRun(id.clone()))
+                    })?;
+                Some(
+                    serde_json::from_value::<WorkflowRunRecord>(v)
+                        .context("the stored run record is unreadable")?,
+                )
+            }
+            None => None,
+        };
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let runner = Workflows::new(catalog, Arc::new(artifacts()?), concurrency);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
+        let view = tokio::spawn(progress(
+            ids,
+            rx,
+            std::io::stderr().is_terminal() && !self.json,
+        ));
+        let record = runner.run(&plan, inputs, previous.as_ref(), Some(tx)).await;
+        let _ = view.await;
+        let record = record.map_err(invalid)?;
+        store
+            .save_workflow_run(
+                LOCAL_TENANT,
+                &record.run_id,
+                &record.workflow,
+                &record.status,
+                &serde_json::to_value(&record)?,
+            )
+            .await?;
+        if let Some(dir) = &self.output_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create `{}`", dir.display()))?;
+            for (name, (file, _)) in &record.outputs {
+                let ext = std::path::Path::new(file)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(|e| format!(".{e}"))
+                    .unwrap_or_default();
+                let bytes = runner
+                    .output(&record, name)
+                    .context("an output's artifact is missing")?;
+                let path = dir.join(format!("{name}{ext}"));
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("failed to write `{}`", path.display()))?;
+            }
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&record)?);
+        } else {
+            eprintln!(
+                "workflow `{}` {} (run {}; manifest {})",
+                record.workflow, record.status, record.run_id, record.digest
+            );
+            if record.status != "succeeded" {
+                eprintln!(
+                    "resume it with: stepbox workflow run {} --resume {} ...",
+                    self.file.display(),
+                    record.run_id
+                );
+            }
+        }
+        Ok(if record.status == "succeeded" { 0 } else { 1 })
+    }
+}
+
+/// Shows each step's state: redrawn in place on a terminal (waiting, running with elapsed time,
+/// the end), one line per change otherwise.
+async fn progress(
+    ids: Vec<String>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<WorkflowEvent>,
+    live: bool,
+) {
+    let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut ended: HashMap<String, String> = HashMap::new();
+    let width = ids.iter().map(String::len).max().unwrap_or(4);
+    let mut drawn = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let draw =
+        |started: &HashMap<String, Instant>, ended: &HashMap<String, String>, drawn: &mut bool| {
+            let mut err = std::io::stderr().lock();
+            if *drawn {
+                let _ = write!(err, "\x1b[{}A", ids.len());
+            }
+            for id in &ids {
+                let state = match (ended.get(id), started.get(id)) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(t)) => format!("running {:.1}s", t.elapsed().as_secs_f64()),
+                    (None, None) => "waiting".into(),
+                };
+                let _ = writeln!(err, "\x1b[2K  {id:<width$}  {state}");
+            }
+            *drawn = true;
+        };
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                let line = match &ev {
+                    WorkflowEvent::Queued(_) => None,
+                    WorkflowEvent::Started(id) => {
+                        started.insert(id.clone(), Instant::now());
+                        Some(format!("{id}: running"))
+                    }
+                    WorkflowEvent::Finished(r) => {
+                        let took = started.get(&r.id).map(|t| format!(" in {:.1}s", t.elapsed().as_secs_f64())).unwrap_or_default();
+                        let text = match r.state {
+                            StepState::Succeeded => format!("succeeded{took}"),
+                            StepState::Reused => "reused from the resumed run".to_string(),
+                            StepState::Failed => format!("{}{took}: {}", r.status, r.message),
+                            StepState::Skipped => r.message.clone(),
+                        };
+                        ended.insert(r.id.clone(), text.clone());
+                        Some(format!("{}: {text}", r.id))
+                    }
+                };
+                if live {
+                    draw(&started, &ended, &mut drawn);
+                } else if let Some(l) = line {
+                    eprintln!("{l}");
+                }
+            }
+            _ = tick.tick(), if live => draw(&started, &ended, &mut drawn),
+        }
+    }
+    if live {
+        draw(&started, &ended, &mut drawn);
+    }
+}

@@ -620,7 +620,7 @@ impl StepDefinition {
 }
 
 /// Writes `v` as canonical JSON: keys sorted by their bytes, no whitespace.
-fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+pub(crate) fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();

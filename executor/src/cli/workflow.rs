@@ -56,14 +56,44 @@ pub enum WorkflowCommand {
         #[command(flatten)]
         catalog: CatalogArgs,
     },
-    /// Run a workflow file now.
+    /// Run a workflow file, or a published workflow (`NAME@STAGE`, `NAME@vN`, ...), now.
     Run(WorkflowRunArgs),
+    /// Publish a workflow file: pin its step versions, run its cases, store a version.
+    Publish {
+        /// The workflow file.
+        file: PathBuf,
+        /// Store it even if it is not verified (it may then only enter the first stage).
+        #[arg(long)]
+        unverified: bool,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// Promote a published workflow version to a stage (its cases re-run first).
+    Promote {
+        /// `NAME@vN`, `NAME@sha256:HEX`, `NAME@STAGE` or `NAME`.
+        reference: String,
+        /// The stage.
+        #[arg(long = "to")]
+        stage: String,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// List a published workflow's versions and stages, or every workflow.
+    Show {
+        /// The workflow's name (omit: list all).
+        name: Option<String>,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
 }
 
 /// `stepbox workflow run`.
 #[derive(Debug, Args)]
 pub struct WorkflowRunArgs {
-    /// The workflow file.
+    /// The workflow file, or a published workflow's reference.
     pub file: PathBuf,
     /// A workflow input, `NAME=PATH`.
     #[arg(long = "input", value_name = "NAME=PATH")]
@@ -109,6 +139,121 @@ impl WorkflowCommand {
                 Ok(0)
             }
             WorkflowCommand::Run(args) => args.execute(global).await,
+            WorkflowCommand::Publish {
+                file,
+                unverified,
+                catalog,
+            } => {
+                let wf = WorkflowFile::load(&file).map_err(anyhow::Error::msg)?;
+                let cases = crate::workflow::publish::load_cases(&file, &wf)
+                    .map_err(|e| anyhow::Error::new(JobError::invalid("cases", e)))?;
+                let catalog = catalog.open(global).await?;
+                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 2);
+                let p = runner
+                    .publish(&wf, cases, LOCAL_TENANT, unverified)
+                    .await
+                    .map_err(invalid)?;
+                for c in &p.cases {
+                    let verdict = if c.passed { "passed" } else { "FAILED" };
+                    eprintln!("case `{}`: {verdict} {}", c.case, c.detail);
+                }
+                match &p.version {
+                    Some(v) => {
+                        println!(
+                            "{}@v{} sha256:{} {}{}",
+                            v.name,
+                            v.number,
+                            v.digest,
+                            v.state,
+                            if p.created {
+                                ""
+                            } else {
+                                " (already published)"
+                            }
+                        );
+                        for w in &p.unverified_because {
+                            eprintln!("unverified: {w}");
+                        }
+                        Ok(0)
+                    }
+                    None => {
+                        eprintln!(
+                            "stepbox: not published: {} (use --unverified to store it anyway)",
+                            p.unverified_because.join("; ")
+                        );
+                        Ok(1)
+                    }
+                }
+            }
+            WorkflowCommand::Promote {
+                reference,
+                stage,
+                catalog,
+            } => {
+                let r = crate::catalog::StepRef::parse("reference", &reference)
+                    .map_err(|e| anyhow::Error::new(JobError::invalid(e.field, e.reason)))?;
+                let catalog = catalog.open(global).await?;
+                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 2);
+                let p = runner
+                    .promote(&r, &stage, LOCAL_TENANT)
+                    .await
+                    .map_err(invalid)?;
+                if p.promoted {
+                    println!("{} -> {stage}", p.record.to_digest);
+                    Ok(0)
+                } else {
+                    eprintln!("stepbox: promotion refused: {}", p.reason);
+                    Ok(1)
+                }
+            }
+            WorkflowCommand::Show { name, catalog } => {
+                let catalog = catalog.open(global).await?;
+                let store = catalog.store();
+                let mut out = std::io::stdout().lock();
+                match name {
+                    None => {
+                        for n in store
+                            .list_names(stepbox_store::Kind::Workflow, None)
+                            .await?
+                        {
+                            writeln!(
+                                out,
+                                "{:<24} v{:<4} {}",
+                                n.name, n.latest_number, n.description
+                            )?;
+                        }
+                    }
+                    Some(name) => {
+                        let versions = store
+                            .list_versions(stepbox_store::Kind::Workflow, &name)
+                            .await?;
+                        if versions.is_empty() {
+                            return Err(anyhow::Error::new(JobError::invalid(
+                                "name",
+                                format!("no workflow `{name}`"),
+                            )));
+                        }
+                        for v in &versions {
+                            writeln!(
+                                out,
+                                "v{:<4} sha256:{} {} by {}",
+                                v.number, v.digest, v.state, v.created_by
+                            )?;
+                        }
+                        for s in store
+                            .list_stages(stepbox_store::Kind::Workflow, &name)
+                            .await?
+                        {
+                            writeln!(
+                                out,
+                                "{:<10} -> v{} (sha256:{})",
+                                s.stage, s.number, s.digest
+                            )?;
+                        }
+                    }
+                }
+                Ok(0)
+            }
         }
     }
 }
@@ -148,8 +293,20 @@ fn artifacts() -> anyhow::Result<Artifacts> {
 
 impl WorkflowRunArgs {
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
-        let wf = WorkflowFile::load(&self.file).map_err(anyhow::Error::msg)?;
-        let plan = wf.plan().map_err(|e| bad_file(&self.file, e))?;
+        let catalog = self.catalog.open(global).await?;
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let runner = Workflows::new(catalog.clone(), Arc::new(artifacts()?), concurrency);
+        let arg = self.file.to_string_lossy().into_owned();
+        let plan = if !self.file.exists()
+            && let Ok(r) = crate::catalog::StepRef::parse("workflow", &arg)
+        {
+            runner.resolve_workflow(&r).await.map_err(invalid)?.2
+        } else {
+            let wf = WorkflowFile::load(&self.file).map_err(anyhow::Error::msg)?;
+            wf.plan().map_err(|e| bad_file(&self.file, e))?
+        };
         let mut inputs = BTreeMap::new();
         for spec in &self.inputs {
             let (name, path) = spec.split_once('=').with_context(|| {
@@ -164,7 +321,6 @@ impl WorkflowRunArgs {
                 bail!("--input `{name}` is given twice");
             }
         }
-        let catalog = self.catalog.open(global).await?;
         let store = catalog.store().clone();
         let previous = match &self.resume {
             Some(id) => {
@@ -181,10 +337,6 @@ impl WorkflowRunArgs {
             }
             None => None,
         };
-        let concurrency = self
-            .concurrency
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let runner = Workflows::new(catalog, Arc::new(artifacts()?), concurrency);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
         let view = tokio::spawn(progress(

@@ -12,6 +12,7 @@
 
 pub mod artifacts;
 pub mod model;
+pub mod publish;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -46,6 +46,24 @@ pub struct WorkflowFile {
     /// The workflow's results: output name = a wire to a step's output file.
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,
+    /// Sample runs with expected outputs: the evidence a published workflow is verified by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cases: Vec<WorkflowCaseFile>,
+}
+
+/// A sample run in `workflow.toml`: input files and the outputs expected from them, as files
+/// relative to `workflow.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowCaseFile {
+    /// The case's name.
+    pub name: String,
+    /// Workflow input name = a file.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
+    /// Workflow output name = a file holding its exact expected bytes.
+    #[serde(default)]
+    pub expected_outputs: BTreeMap<String, String>,
 }
 
 /// One step of a workflow.

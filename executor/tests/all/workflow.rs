@@ -354,6 +354,43 @@ report = "steps.summary.outputs.report.md"
         "# Monthly report\n\n3 rows, total 23\n"
     );
 
+    // Published with a case, promoted, and run by reference.
+    std::fs::write(
+        d.join("expected.md"),
+        "# Monthly report\n\n3 rows, total 23\n",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(d.join("workflow.toml")).unwrap();
+    text.push_str(
+        "[[cases]]\nname = \"sample\"\ninputs = { sales = \"sales.csv\" }\nexpected_outputs = { report = \"expected.md\" }\n",
+    );
+    std::fs::write(d.join("workflow.toml"), text).unwrap();
+    let (code, out, err) = stepbox(&["workflow", "publish", "workflow.toml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("monthly-report@v1 sha256:") && out.contains("verified"),
+        "{out}"
+    );
+    let (code, _, err) = stepbox(&["workflow", "promote", "monthly-report@v1", "--to", "prod"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = stepbox(&[
+        "workflow",
+        "run",
+        "monthly-report@prod",
+        "--input",
+        "sales=sales.csv",
+        "--output-dir",
+        "out2",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("out2/report.md")).unwrap(),
+        "# Monthly report\n\n3 rows, total 23\n"
+    );
+    let (code, out, _) = stepbox(&["workflow", "show", "monthly-report"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("prod") && out.contains("v1"), "{out}");
+
     // Bad requests exit 2 naming what is wrong.
     let (code, _, err) = stepbox(&[
         "workflow",
@@ -382,4 +419,133 @@ report = "steps.summary.outputs.report.md"
         err.contains("steps.a.inputs.f") && err.contains("bad.toml"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn published_workflows_pin_step_versions_and_promote_like_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let catalog = catalog(d).await;
+    let artifacts = Arc::new(Artifacts::open(&d.join("artifacts")).unwrap());
+    let wf = Workflows::new(catalog.clone(), artifacts, 2);
+    let mut file = workflow(SUMMARY, "");
+    file.description = "Monthly totals report".into();
+    let case = stepbox::workflow::publish::WorkflowCase {
+        name: "sample".into(),
+        inputs: BTreeMap::from([("sales".into(), Blob::Text(SALES.into()))]),
+        expected_outputs: BTreeMap::from([(
+            "report".into(),
+            Blob::Text("# Monthly report\n\n3 rows, total 23\n".into()),
+        )]),
+    };
+
+    // A case that expects something else: not published, and the reason says which output.
+    let mut wrong = case.clone();
+    wrong
+        .expected_outputs
+        .insert("report".into(), Blob::Text("nope".into()));
+    let p = wf
+        .publish(&file, vec![wrong.clone()], "t", false)
+        .await
+        .unwrap();
+    assert!(p.version.is_none());
+    assert!(
+        p.unverified_because[0].contains("output `report` differs"),
+        "{:?}",
+        p.unverified_because
+    );
+    // With --unverified it is stored, but may not go past the first stage.
+    let p = wf.publish(&file, vec![wrong], "t", true).await.unwrap();
+    let v1 = p.version.unwrap();
+    assert_eq!(v1.state, stepbox_store::VersionState::Unverified);
+    let r = |s: &str| StepRef::parse("ref", s).unwrap();
+    let refused = wf
+        .promote(&r("monthly-report@v1"), "prod", "t")
+        .await
+        .unwrap();
+    assert!(!refused.promoted);
+    assert!(refused.reason.contains("unverified"), "{}", refused.reason);
+
+    // The right case: verified v2, pinned to the step's digest, promoted to prod.
+    let p = wf
+        .publish(&file, vec![case.clone()], "t", false)
+        .await
+        .unwrap();
+    let v2 = p.version.unwrap();
+    assert_eq!(
+        (v2.number, v2.state),
+        (2, stepbox_store::VersionState::Verified)
+    );
+    assert!(p.created);
+    let again = wf.publish(&file, vec![case], "t", false).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.version.unwrap().digest, v2.digest);
+    let (_, def, _) = wf.resolve_workflow(&r("monthly-report@v2")).await.unwrap();
+    let step_digest = catalog
+        .resolve(&r("monthly-by-rep@v1"))
+        .await
+        .unwrap()
+        .version
+        .digest
+        .clone();
+    assert_eq!(
+        def.workflow.steps[0].uses.as_deref(),
+        Some(format!("monthly-by-rep@sha256:{step_digest}").as_str())
+    );
+    assert_eq!(def.resolved_from["pivot"], "monthly-by-rep@prod");
+    assert!(
+        wf.promote(&r("monthly-report@v2"), "prod", "t")
+            .await
+            .unwrap()
+            .promoted
+    );
+
+    // A new step version promoted to prod does not change the published workflow: its runs
+    // still use v1.
+    let mut v2_step = catalog
+        .resolve(&r("monthly-by-rep@v1"))
+        .await
+        .unwrap()
+        .version
+        .definition
+        .clone();
+    v2_step.description = "Totals sales by month and rep (v2)".into();
+    catalog.publish(&v2_step, "t", false).await.unwrap();
+    assert!(
+        catalog
+            .promote(&r("monthly-by-rep@v2"), "prod", "t")
+            .await
+            .unwrap()
+            .promoted
+    );
+    let (_, _, plan) = wf
+        .resolve_workflow(&r("monthly-report@prod"))
+        .await
+        .unwrap();
+    let run = wf.run(&plan, inputs(), None, None).await.unwrap();
+    assert_eq!(run.status, "succeeded");
+    assert_eq!(run.steps[0].version, "monthly-by-rep@v1");
+
+    // Unknown stage and unknown version are refused by name.
+    let e = wf
+        .promote(&r("monthly-report@v2"), "qa", "t")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown stage `qa`"), "{e}");
+    let e = wf
+        .resolve_workflow(&r("monthly-report@v9"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no workflow version `monthly-report@v9`"),
+        "{e}"
+    );
+    let history = catalog
+        .store()
+        .list_promotions(stepbox_store::Kind::Workflow, "monthly-report", 10)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().any(|h| !h.accepted));
 }

@@ -13,6 +13,7 @@ mod generate;
 mod grpc;
 mod limits;
 mod manifest;
+mod packages;
 mod platform;
 mod python;
 mod telemetry;

@@ -760,7 +760,9 @@ impl Catalog {
     }
 }
 
-fn check_stages(stages: &[StageConfig], executor: &Executor) -> Result<(), CatalogError> {
+/// Checks a stage list: at least one stage, unique names, known policies (errors name
+/// `catalog.stages[i]`).
+pub fn check_stages(stages: &[StageConfig], executor: &Executor) -> Result<(), CatalogError> {
     if stages.is_empty() {
         return Err(CatalogError::Invalid(ModelError::new(
             "catalog.stages",

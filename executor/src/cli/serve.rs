@@ -109,6 +109,9 @@ impl ServeArgs {
         if let Err(e) = executor.warm_up().await {
             tracing::warn!(error = %e, "the python runtime is not ready; python jobs will be refused");
         }
+        (options.catalog, options.shared_runs) =
+            crate::service::catalog::CatalogHandle::from_config(&config.catalog, executor.clone())
+                .await?;
         if let Some(m) = &config.metrics {
             let listener = tokio::net::TcpListener::bind(m.addr)
                 .await

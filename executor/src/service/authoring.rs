@@ -77,11 +77,7 @@ impl StepService {
             layout: pb::FileLayout::MntData as i32,
             filename: imported.filename.clone(),
         };
-        let recorded_checks = imported
-            .recorded_checks()
-            .iter()
-            .filter_map(check_to)
-            .collect();
+        let recorded_checks = imported.recorded_checks().iter().map(check_to).collect();
         Ok(pb::ImportConversationResponse {
             step: Some(step),
             summary: Some(summary),

@@ -439,6 +439,9 @@ impl Config {
                 *v = "<masked>".into();
             }
         }
+        if let Some(url) = &mut c.catalog.database {
+            *url = stepbox_store::mask_url(url);
+        }
         let mut out = toml::to_string_pretty(&c).unwrap_or_default();
         out.push_str(&format!(
             "# model API key: read from ${} ({})\n",
@@ -629,6 +632,10 @@ mod tests {
                 headers: [("x-api-key".to_string(), "collector-s3cret".to_string())].into(),
                 ca_file: None,
             }),
+            catalog: CatalogSection {
+                database: Some("postgres://stepbox:db-s3cret@db:5432/stepbox".into()),
+                ..CatalogSection::default()
+            },
             ..Config::default()
         };
         let shown = c.masked_toml();
@@ -638,6 +645,11 @@ mod tests {
         );
         assert!(
             !shown.contains("collector-s3cret") && shown.contains("x-api-key = \"<masked>\""),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("db-s3cret")
+                && shown.contains("postgres://stepbox:***@db:5432/stepbox"),
             "{shown}"
         );
     }

@@ -149,10 +149,15 @@ pub(crate) fn job_from_step(step: Option<pb::Step>, field: &str) -> Result<StepJ
 }
 
 pub(crate) fn check_from(i: usize, c: pb::Check) -> Result<Check, Status> {
+    check_at(&format!("checks[{i}]"), c)
+}
+
+/// Converts a check; `field` names it in errors (`checks[2]`, `step.cases[0].checks[1]`).
+pub(crate) fn check_at(field: &str, c: pb::Check) -> Result<Check, Status> {
     use pb::check::Kind;
     let kind = match c
         .kind
-        .ok_or_else(|| bad(&format!("checks[{i}].kind"), "is not set"))?
+        .ok_or_else(|| bad(&format!("{field}.kind"), "is not set"))?
     {
         Kind::ExitCode(code) => CheckKind::ExitCode(code),
         Kind::StdoutEquals(b) => CheckKind::StdoutEquals(b.into()),
@@ -184,7 +189,7 @@ pub(crate) fn check_from(i: usize, c: pb::Check) -> Result<Check, Status> {
             schema: f.schema_json,
         },
         Kind::Verifier(v) => {
-            let mut job = job_from_step(v.step, &format!("checks[{i}].verifier.step"))?;
+            let mut job = job_from_step(v.step, &format!("{field}.verifier.step"))?;
             job.policy = v.policy;
             job.limits = limits_from(v.limits);
             job.args = v.args;
@@ -194,8 +199,46 @@ pub(crate) fn check_from(i: usize, c: pb::Check) -> Result<Check, Status> {
     Ok(Check { name: c.name, kind })
 }
 
-/// Converts a check back into its message (verifier steps are not converted).
-pub(crate) fn check_to(c: &Check) -> Option<pb::Check> {
+/// The limits message of a job's overrides (0: not overridden), the inverse of [`limits_from`].
+pub(crate) fn overrides_to(l: &LimitOverrides) -> pb::Limits {
+    pb::Limits {
+        memory_bytes: l.memory.map_or(0, |b| b.0),
+        fuel: l.fuel.unwrap_or(0),
+        wall_time_ms: l
+            .wall_time
+            .map_or(0, |m| u64::try_from(m.0.as_millis()).unwrap_or(u64::MAX)),
+        max_stdout_bytes: l.stdout.map_or(0, |b| b.0),
+        max_output_bytes: l.output_bytes.map_or(0, |b| b.0),
+        max_output_files: l.output_files.unwrap_or(0),
+        max_stderr_bytes: l.stderr.map_or(0, |b| b.0),
+    }
+}
+
+/// The `Step` message of a job's program: Python and WAT as `source`, wasm binaries as `module`.
+pub(crate) fn step_to(job: &StepJob) -> pb::Step {
+    let binary = job.runtime == RuntimeKind::Wasm && job.program.starts_with(b"\0asm");
+    let (source, module) = if binary {
+        (String::new(), job.program.to_vec())
+    } else {
+        (
+            String::from_utf8_lossy(&job.program).into_owned(),
+            Vec::new(),
+        )
+    };
+    pb::Step {
+        runtime: job.runtime.name().to_string(),
+        source,
+        module,
+        layout: match job.layout {
+            Layout::InputOutput => pb::FileLayout::InputOutput,
+            Layout::MntData => pb::FileLayout::MntData,
+        } as i32,
+        filename: job.filename.clone().unwrap_or_default(),
+    }
+}
+
+/// Converts a check back into its message (every kind, verifier steps included).
+pub(crate) fn check_to(c: &Check) -> pb::Check {
     use pb::check::Kind;
     let kind = match &c.kind {
         CheckKind::ExitCode(code) => Kind::ExitCode(*code),
@@ -231,12 +274,17 @@ pub(crate) fn check_to(c: &Check) -> Option<pb::Check> {
             path: path.clone(),
             schema_json: schema.clone(),
         }),
-        CheckKind::Verifier(_) => return None,
+        CheckKind::Verifier(job) => Kind::Verifier(pb::VerifierStep {
+            step: Some(step_to(job)),
+            policy: job.policy.clone(),
+            limits: Some(overrides_to(&job.limits)),
+            args: job.args.clone(),
+        }),
     };
-    Some(pb::Check {
+    pb::Check {
         name: c.name.clone(),
         kind: Some(kind),
-    })
+    }
 }
 
 pub(crate) fn inputs_from(files: Vec<pb::File>) -> Vec<InputFile> {
@@ -251,6 +299,12 @@ pub(crate) fn inputs_from(files: Vec<pb::File>) -> Vec<InputFile> {
 
 /// Converts a request into a job and its checks.
 pub fn job_from_request(req: pb::RunStepRequest) -> Result<(StepJob, Vec<Check>), Status> {
+    if req.step.is_none() {
+        return Err(bad(
+            "step",
+            "is required: set `step` (a program) or `step_ref` (a published step)",
+        ));
+    }
     let mut job = job_from_step(req.step, "step")?;
     job.inputs = inputs_from(req.inputs);
     job.policy = req.policy;
@@ -490,7 +544,10 @@ mod tests {
         let e = job_from_request(pb::RunStepRequest::default()).unwrap_err();
         assert_eq!(
             (e.code(), e.message()),
-            (tonic::Code::InvalidArgument, "invalid `step`: is required")
+            (
+                tonic::Code::InvalidArgument,
+                "invalid `step`: is required: set `step` (a program) or `step_ref` (a published step)"
+            )
         );
         let step = |runtime: &str, source: &str| pb::RunStepRequest {
             step: Some(pb::Step {

@@ -3,19 +3,246 @@
 //! Each tenant's history is its own bounded list (the newest `per_tenant` runs), so a busy tenant
 //! never pushes out another's, and a lookup only ever searches the caller's own list: another
 //! tenant's run is indistinguishable from one that never existed. Records hold how a run ended
-//! and its manifest, not its stdout, stderr or files. History lives in this process's memory:
-//! each replica knows only the runs it ran.
+//! and its manifest, not its stdout, stderr or files.
+//!
+//! Two homes ([`History`]): this process's memory ([`RunHistory`], the default: each replica
+//! knows only the runs it ran), or, when `[catalog] database` is configured, the catalog
+//! store's run table ([`SharedHistory`]), so a run is found on any replica. The store is bounded
+//! by count per tenant and by age, pruned at start and every [`PRUNE_INTERVAL`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::{StepService, tenant_of, traced};
+use crate::service::catalog::CatalogHandle;
+use crate::service::catalog_convert::catalog_status;
 use crate::service::convert::bad;
 use crate::service::telemetry::rpc_span;
 
 use crate::pb;
+
+/// How often the shared history is pruned to its bounds.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The longest a run waits for its record to reach the shared store before it answers; past
+/// it, the write finishes in the background (a slow database never slows runs down by more).
+const RECORD_WAIT: Duration = Duration::from_millis(500);
+
+/// Bounds of the shared run history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Newest runs kept per tenant (0: none are stored).
+    pub per_tenant: usize,
+    /// Runs older than this are dropped.
+    pub max_age: Duration,
+}
+
+/// Where finished runs are kept.
+#[derive(Debug)]
+pub enum History {
+    /// This process's memory.
+    Memory(RunHistory),
+    /// The catalog store, shared by replicas.
+    Shared(SharedHistory),
+}
+
+/// The run history in the catalog store: one row per run holding the encoded [`pb::RunRecord`].
+#[derive(Debug)]
+pub struct SharedHistory {
+    catalog: Arc<CatalogHandle>,
+    retention: Retention,
+}
+
+/// Page tokens of the shared history: the run id of a page's last run (the store's position of
+/// a run spans all tenants, so it is never shown: a token reveals nothing a tenant did not see).
+const SHARED_TOKEN_PREFIX: &str = "s1.";
+
+impl SharedHistory {
+    /// The history in `catalog`'s store, kept within `retention`.
+    pub fn new(catalog: Arc<CatalogHandle>, retention: Retention) -> SharedHistory {
+        SharedHistory { catalog, retention }
+    }
+
+    async fn store(&self) -> Result<stepbox_store::Store, Status> {
+        self.catalog
+            .get()
+            .await
+            .map(|c| c.store().clone())
+            .map_err(|e| catalog_status(e, ""))
+    }
+
+    async fn record(&self, tenant: &str, record: pb::RunRecord) {
+        if self.retention.per_tenant == 0 {
+            return;
+        }
+        let store = match self.store().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), run_id = %record.run_id, "run not recorded in the shared history");
+                return;
+            }
+        };
+        let tenant = tenant.to_string();
+        let created_at = record.submitted_at.as_ref().map_or(0, |t| {
+            t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)
+        });
+        let status = pb::Status::try_from(record.status)
+            .unwrap_or(pb::Status::Unspecified)
+            .as_str_name();
+        let write = tokio::spawn(async move {
+            let bytes = record.encode_to_vec();
+            if let Err(e) = store
+                .record_run(&tenant, &record.run_id, created_at, status, &bytes)
+                .await
+            {
+                tracing::warn!(error = %e, run_id = %record.run_id, "run not recorded in the shared history");
+            }
+        });
+        let _ = tokio::time::timeout(RECORD_WAIT, write).await;
+    }
+
+    async fn get(&self, tenant: &str, run_id: &str) -> Result<Option<pb::RunRecord>, Status> {
+        let store = self.store().await?;
+        let entry = store
+            .get_run(tenant, run_id)
+            .await
+            .map_err(|e| catalog_status(e.into(), ""))?;
+        entry
+            .map(|e| {
+                pb::RunRecord::decode(e.record.as_slice()).map_err(|d| {
+                    Status::internal(format!("stored run {run_id} cannot be read: {d}"))
+                })
+            })
+            .transpose()
+    }
+
+    async fn list(
+        &self,
+        tenant: &str,
+        page_size: u32,
+        page_token: &str,
+        status: Option<pb::Status>,
+    ) -> Result<pb::ListRunsResponse, Status> {
+        let size = page_size_of(page_size)?;
+        let after_run = if page_token.is_empty() {
+            None
+        } else {
+            Some(
+                page_token
+                    .strip_prefix(SHARED_TOKEN_PREFIX)
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| bad_token(page_token))?,
+            )
+        };
+        let store = self.store().await?;
+        let unavailable = |e: stepbox_store::StoreError| catalog_status(e.into(), "");
+        let after_seq = match after_run {
+            None => None,
+            // The page's last run has been pruned since: so has everything older of this
+            // tenant (pruning drops the oldest first), and the listing is over.
+            Some(id) => match store.get_run(tenant, id).await.map_err(unavailable)? {
+                Some(e) => Some(e.seq),
+                None => {
+                    return Ok(pb::ListRunsResponse::default());
+                }
+            },
+        };
+        let page = store
+            .list_runs(
+                tenant,
+                status.map(|s| s.as_str_name()),
+                size as u32,
+                after_seq,
+            )
+            .await
+            .map_err(unavailable)?;
+        let next_page_token = match (page.next_after_seq, page.runs.last()) {
+            (Some(_), Some(last)) => format!("{SHARED_TOKEN_PREFIX}{}", last.run_id),
+            _ => String::new(),
+        };
+        let runs = page
+            .runs
+            .iter()
+            .map(|e| {
+                pb::RunRecord::decode(e.record.as_slice()).map_err(|d| {
+                    Status::internal(format!("stored run {} cannot be read: {d}", e.run_id))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(pb::ListRunsResponse {
+            runs,
+            next_page_token,
+        })
+    }
+
+    /// Drops runs past the bounds; called at start and every [`PRUNE_INTERVAL`]. Skipped while
+    /// the database is down.
+    pub async fn prune(&self) {
+        let Ok(catalog) = self.catalog.get().await else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match catalog
+            .store()
+            .prune_runs(self.retention.per_tenant as u64, self.retention.max_age)
+            .await
+        {
+            Ok(n) => tracing::debug!(deleted = n, took = ?started.elapsed(), "run history pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning the shared run history failed"),
+        }
+    }
+}
+
+impl History {
+    /// Remembers a finished run of `tenant`.
+    pub async fn record(&self, tenant: &str, record: pb::RunRecord) {
+        match self {
+            History::Memory(h) => h.record(tenant, record),
+            History::Shared(h) => h.record(tenant, record).await,
+        }
+    }
+
+    async fn get(&self, tenant: &str, run_id: &str) -> Result<Option<pb::RunRecord>, Status> {
+        match self {
+            History::Memory(h) => Ok(h.get(tenant, run_id).map(|r| pb::RunRecord::clone(&r))),
+            History::Shared(h) => h.get(tenant, run_id).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        tenant: &str,
+        page_size: u32,
+        page_token: &str,
+        status: Option<pb::Status>,
+    ) -> Result<pb::ListRunsResponse, Status> {
+        match self {
+            History::Memory(h) => {
+                let page = h.list(tenant, page_size, page_token, status)?;
+                Ok(pb::ListRunsResponse {
+                    runs: page.runs.iter().map(|r| pb::RunRecord::clone(r)).collect(),
+                    next_page_token: page.next_page_token,
+                })
+            }
+            History::Shared(h) => h.list(tenant, page_size, page_token, status).await,
+        }
+    }
+}
+
+/// The page size a request asks for (0: the default), or `INVALID_ARGUMENT`.
+fn page_size_of(page_size: u32) -> Result<usize, Status> {
+    match page_size as usize {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n <= MAX_PAGE_SIZE => Ok(n),
+        n => Err(Status::invalid_argument(format!(
+            "page_size: {n} is more than {MAX_PAGE_SIZE}; ask for 1 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"
+        ))),
+    }
+}
 
 /// Runs per page when the request leaves `page_size` at 0.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -99,15 +326,7 @@ impl RunHistory {
         page_token: &str,
         status: Option<pb::Status>,
     ) -> Result<Page, Status> {
-        let size = match page_size as usize {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size: {n} is more than {MAX_PAGE_SIZE}; ask for 1 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"
-                )));
-            }
-        };
+        let size = page_size_of(page_size)?;
         // Runs older than (below) `before` are on this page.
         let before = if page_token.is_empty() {
             u64::MAX
@@ -161,12 +380,20 @@ impl StepService {
                     "is empty; pass the run_id of a RunStepResponse",
                 ));
             }
-            let record = self.history.get(&tenant.name, &run_id).ok_or_else(|| {
-                Status::not_found(format!(
-                    "run_id: no run {run_id:?} among this tenant's recent runs on this server"
-                ))
-            })?;
-            Ok(Response::new(pb::RunRecord::clone(&record)))
+            let where_ = match self.history.as_ref() {
+                History::Memory(_) => "on this server",
+                History::Shared(_) => "in the shared history",
+            };
+            let record = self
+                .history
+                .get(&tenant.name, &run_id)
+                .await?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "run_id: no run {run_id:?} among this tenant's recent runs {where_}"
+                    ))
+                })?;
+            Ok(Response::new(record))
         })
         .await
     }
@@ -194,11 +421,9 @@ impl StepService {
             };
             let page = self
                 .history
-                .list(&tenant.name, req.page_size, &req.page_token, status)?;
-            Ok(Response::new(pb::ListRunsResponse {
-                runs: page.runs.iter().map(|r| pb::RunRecord::clone(r)).collect(),
-                next_page_token: page.next_page_token,
-            }))
+                .list(&tenant.name, req.page_size, &req.page_token, status)
+                .await?;
+            Ok(Response::new(page))
         })
         .await
     }

@@ -1,13 +1,18 @@
-//! The gRPC service (`stepbox.v1.StepExecutor`): a thin door onto [`Executor::run_checked`].
+//! The gRPC services (`stepbox.v1.StepExecutor`, `stepbox.v1.StepCatalog`): thin doors onto
+//! [`Executor::run_checked`] and the [`crate::catalog`].
 //!
 //! It owns the service and the platform around it, and uses the core ([`crate::job`],
-//! [`crate::sandbox`], [`crate::Executor`]) and [`crate::authoring`]; nothing in the core uses it.
+//! [`crate::sandbox`], [`crate::Executor`]), [`crate::catalog`] and [`crate::authoring`]; nothing
+//! in the core uses it.
 //!
-//! - [`convert`]: proto <-> core conversions, and the one place errors become gRPC codes.
+//! - [`convert`] and [`catalog_convert`]: proto <-> core and catalog conversions, and the places
+//!   errors become gRPC codes ([`status_of`], [`catalog_convert::catalog_status`]).
 //! - [`admission`]: the bounded queue in front of the executor.
-//! - One file per group of RPCs: [`run`] (`RunStep`, `RunStepStream`), [`authoring`]
+//! - One file per group of RPCs: [`run`] (`RunStep`, `RunStepStream`, inline or by `step_ref`),
+//!   [`catalog`] (`StepCatalog`, and the lazily opened catalog), [`authoring`]
 //!   (`GenerateStep`, `ImportConversation`), [`history`] (`GetRun`, `ListRuns` and the run
-//!   history itself), [`info`] (`ListRuntimes`, `ListPolicies`).
+//!   history itself, in memory or in the catalog store), [`info`] (`ListRuntimes`,
+//!   `ListPolicies`).
 //! - [`serve`]: the listener, health, reflection, TLS and graceful shutdown.
 //! - The platform: [`config`] (`stepbox.toml`), [`tenancy`], [`tls`], [`metrics`], [`telemetry`].
 //!
@@ -18,6 +23,8 @@
 
 pub mod admission;
 pub mod authoring;
+pub mod catalog;
+pub mod catalog_convert;
 pub mod config;
 pub mod convert;
 pub mod history;
@@ -42,7 +49,8 @@ use crate::Executor;
 use crate::authoring::generate::{GenerateError, Generator};
 use crate::pb;
 use crate::service::admission::{Admission, Ticket};
-use crate::service::history::RunHistory;
+use crate::service::catalog::CatalogHandle;
+use crate::service::history::{History, Retention, RunHistory, SharedHistory};
 use crate::service::metrics::Metrics;
 use crate::service::telemetry::record_status;
 use crate::service::tenancy::{Tenant, Tenants};
@@ -72,8 +80,15 @@ pub struct ServerOptions {
     pub tls: Option<crate::service::config::TlsSection>,
     /// Notified to re-read the TLS files (SIGHUP in `stepbox serve`).
     pub reload: Arc<tokio::sync::Notify>,
-    /// Finished runs kept per tenant for `GetRun`/`ListRuns` (0: none).
+    /// Finished runs kept per tenant for `GetRun`/`ListRuns` in memory (0: none); unused when
+    /// `shared_runs` is set.
     pub run_history: usize,
+    /// The step catalog (`StepCatalog`, runs by `step_ref`); None: those calls answer
+    /// `UNAVAILABLE`.
+    pub catalog: Option<Arc<CatalogHandle>>,
+    /// Keep the run history in the catalog's store within these bounds (so every replica on
+    /// one database finds every run), instead of in memory. Needs `catalog`.
+    pub shared_runs: Option<Retention>,
 }
 
 impl Default for ServerOptions {
@@ -90,6 +105,8 @@ impl Default for ServerOptions {
             tls: None,
             reload: Arc::new(tokio::sync::Notify::new()),
             run_history: 1000,
+            catalog: None,
+            shared_runs: None,
         }
     }
 }
@@ -101,7 +118,8 @@ pub struct StepService {
     executor: Arc<Executor>,
     generator: Arc<Generator>,
     admission: Arc<Admission>,
-    history: Arc<RunHistory>,
+    history: Arc<History>,
+    catalog: Option<Arc<CatalogHandle>>,
     cancel: watch::Receiver<bool>,
 }
 
@@ -179,7 +197,13 @@ impl StepService {
                 capacity: options.concurrency.max(1) + options.queue,
                 admitted: std::sync::atomic::AtomicUsize::new(0),
             }),
-            history: Arc::new(RunHistory::new(options.run_history)),
+            history: Arc::new(match (&options.catalog, options.shared_runs) {
+                (Some(catalog), Some(retention)) => {
+                    History::Shared(SharedHistory::new(catalog.clone(), retention))
+                }
+                _ => History::Memory(RunHistory::new(options.run_history)),
+            }),
+            catalog: options.catalog.clone(),
             cancel,
         })
     }

@@ -1,5 +1,7 @@
 //! `RunStep` and `RunStepStream`: admit, wait for a slot, run with checks, answer; the stream
-//! forwards stdout/stderr as the step writes them.
+//! forwards stdout/stderr as the step writes them. A request names its program inline (`step`)
+//! or a published step (`step_ref`, resolved through the catalog's cache); runs by reference
+//! are admitted and counted exactly like inline runs, and their manifest records the version.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -9,25 +11,93 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{EventStream, StepService, cancelled, grpc_timeout, our_deadline, tenant_of, traced};
+use crate::executor::StepVersionRef;
 use crate::job::checks::Check;
 use crate::job::request::StepJob;
 use crate::pb;
-use crate::service::convert::{job_from_request, record_from, response_from, status_of};
+use crate::service::catalog_convert::catalog_status;
+use crate::service::config::CatalogPermission;
+use crate::service::convert::{
+    bad, check_from, inputs_from, job_from_request, limits_from, record_from, response_from,
+    status_of,
+};
 use crate::service::telemetry::{record_status, rpc_span};
 use crate::service::tenancy::Tenant;
 use crate::{OutputChunk, RunOptions, StreamKind};
 
+/// A request made ready to run: the job, its checks, and the published version it is.
+pub(crate) struct Prepared {
+    job: StepJob,
+    checks: Vec<Check>,
+    step_version: Option<StepVersionRef>,
+}
+
 impl StepService {
-    /// Admits, waits for a slot, runs, with deadline and shutdown cancellation.
+    /// Turns a request into a job: inline (`step`), or a published step (`step_ref`: the
+    /// tenant's `run` permission, the reference parsed, visible and resolved; its contract
+    /// checks first, then the request's).
+    pub(crate) async fn prepare(
+        &self,
+        tenant: &Tenant,
+        mut req: pb::RunStepRequest,
+    ) -> Result<Prepared, Status> {
+        if req.step_ref.is_empty() {
+            let (job, checks) = job_from_request(req)?;
+            return Ok(Prepared {
+                job,
+                checks,
+                step_version: None,
+            });
+        }
+        if req.step.is_some() {
+            return Err(bad(
+                "step_ref",
+                "is set together with `step`: set exactly one, `step` (a program) or `step_ref` \
+                 (a published step)",
+            ));
+        }
+        tenant.require(CatalogPermission::Run)?;
+        let resolved = self.resolve_for(tenant, &req.step_ref).await?;
+        if !req.policy.is_empty() && req.policy != resolved.policy {
+            return Err(bad(
+                "policy",
+                format!(
+                    "must be empty with `step_ref`: `{}` runs under policy `{}` (its stage's, \
+                     else its own)",
+                    req.step_ref, resolved.policy
+                ),
+            ));
+        }
+        let extra = std::mem::take(&mut req.checks)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| check_from(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut job, checks) = resolved
+            .job(inputs_from(req.inputs), req.stdin.into(), req.args, extra)
+            .map_err(|e| catalog_status(e, ""))?;
+        job.limits = limits_from(req.limits);
+        job.env.extend(req.env);
+        Ok(Prepared {
+            job,
+            checks,
+            step_version: Some(resolved.version.manifest_ref()),
+        })
+    }
+
     /// Admits, waits for a slot, runs, with deadline and shutdown cancellation.
     pub(crate) async fn execute(
         &self,
         tenant: Arc<Tenant>,
-        job: StepJob,
-        checks: Vec<Check>,
+        prepared: Prepared,
         deadline: Option<Duration>,
         listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
     ) -> Result<pb::RunStepResponse, Status> {
+        let Prepared {
+            job,
+            checks,
+            step_version,
+        } = prepared;
         let runtime = job.runtime;
         let submitted_at = SystemTime::now();
         let (_tenant_ticket, ticket) = self.admit(&tenant, &job.policy)?;
@@ -43,18 +113,24 @@ impl StepService {
             let queue_wait = started.elapsed();
             let (result, verdicts) = self
                 .executor
-                .run_checked(job, &checks, RunOptions {
-                    listener,
-                    ..RunOptions::default()
-                })
+                .run_checked(
+                    job,
+                    &checks,
+                    RunOptions {
+                        listener,
+                        step_version,
+                    },
+                )
                 .await
                 .map_err(|e| status_of(e, Some(runtime)))?;
             self.metrics.record_run(&tenant.name, &result, queue_wait);
             let response = response_from(result, verdicts, queue_wait);
-            self.history.record(
-                &tenant.name,
-                record_from(&response, &tenant.name, submitted_at),
-            );
+            self.history
+                .record(
+                    &tenant.name,
+                    record_from(&response, &tenant.name, submitted_at),
+                )
+                .await;
             Ok(response)
         };
         let cancelled = cancelled(self.cancel.clone());
@@ -82,8 +158,8 @@ impl StepService {
         let tenant = tenant_of(&request);
         let span = rpc_span("RunStep", request.metadata(), &tenant.name);
         traced(span, async {
-            let (job, checks) = job_from_request(request.into_inner())?;
-            self.execute(tenant, job, checks, deadline, None).await
+            let prepared = self.prepare(&tenant, request.into_inner()).await?;
+            self.execute(tenant, prepared, deadline, None).await
         })
         .await
         .map(Response::new)
@@ -96,12 +172,12 @@ impl StepService {
         let deadline = grpc_timeout(&request);
         let tenant = tenant_of(&request);
         let span = rpc_span("RunStepStream", request.metadata(), &tenant.name);
-        let (job, checks) = traced(span.clone(), async {
-            let (job, checks) = job_from_request(request.into_inner())?;
+        let prepared = traced(span.clone(), async {
+            let prepared = self.prepare(&tenant, request.into_inner()).await?;
             // Refuse at once when not allowed or full, rather than after opening the stream.
-            tenant.check_policy(&job.policy)?;
+            tenant.check_policy(&prepared.job.policy)?;
             drop(self.admission.admit()?);
-            Ok((job, checks))
+            Ok(prepared)
         })
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunStepEvent, Status>>(64);
@@ -131,7 +207,7 @@ impl StepService {
                 }
             };
             let run = service
-                .execute(tenant, job, checks, deadline, Some(chunk_tx))
+                .execute(tenant, prepared, deadline, Some(chunk_tx))
                 .instrument(span.clone());
             let closed = tx.closed();
             // A client that goes away cancels the job: dropping `run` stops the guest.

@@ -1,5 +1,6 @@
 //! Serving: the listener (plaintext or TLS with reload), health and reflection, authentication,
-//! and graceful shutdown.
+//! both services (`StepExecutor`, `StepCatalog`), the shared run history's pruning, and graceful
+//! shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use tonic::{Request, Status};
 use super::{ServerOptions, StepService};
 use crate::Executor;
 use crate::pb;
+use crate::service::history::{History, PRUNE_INTERVAL};
+use pb::step_catalog_server::StepCatalogServer;
 use pb::step_executor_server::StepExecutorServer;
 
 /// Serves `executor` on `listener` until `shutdown` resolves; then stops accepting, waits up to
@@ -24,10 +27,26 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let service = StepService::new(executor, &options, cancel_rx)?;
+    let pruner = if let History::Shared(_) = service.history.as_ref() {
+        let history = service.history.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let History::Shared(h) = history.as_ref() {
+                    h.prune().await;
+                }
+            }
+        }))
+    } else {
+        None
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<StepExecutorServer<StepService>>()
         .await;
+    health.set_serving::<StepCatalogServer<StepService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -73,6 +92,9 @@ pub async fn serve(
         health
             .set_not_serving::<StepExecutorServer<StepService>>()
             .await;
+        health
+            .set_not_serving::<StepCatalogServer<StepService>>()
+            .await;
         let _ = stopping_tx.send(());
     };
     tokio::spawn(async move {
@@ -86,11 +108,18 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            StepCatalogServer::new(service.clone())
+                .max_decoding_message_size(options.max_message_bytes)
+                .max_encoding_message_size(usize::MAX),
+            authenticate.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             StepExecutorServer::new(service)
                 .max_decoding_message_size(options.max_message_bytes)
                 .max_encoding_message_size(usize::MAX),
             authenticate,
         ));
+    let _pruner = AbortOnDrop(pruner);
     match tls {
         Some(tls) => {
             router
@@ -112,4 +141,15 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Stops a background task when the server returns.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
 }

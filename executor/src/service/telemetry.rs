@@ -177,6 +177,16 @@ impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
 /// The span of one gRPC call, a child of the caller's trace when the request carries one (only
 /// when trace export is on: otherwise the global propagator is a no-op).
 pub fn rpc_span(method: &'static str, metadata: &MetadataMap, tenant: &str) -> tracing::Span {
+    rpc_span_of("stepbox.v1.StepExecutor", method, metadata, tenant)
+}
+
+/// [`rpc_span`] for a method of `service` (its full name, e.g. `stepbox.v1.StepCatalog`).
+pub fn rpc_span_of(
+    service: &'static str,
+    method: &'static str,
+    metadata: &MetadataMap,
+    tenant: &str,
+) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     if !EXPORTING.load(Ordering::Relaxed) {
         return tracing::info_span!(
@@ -189,11 +199,11 @@ pub fn rpc_span(method: &'static str, metadata: &MetadataMap, tenant: &str) -> t
     }
     let span = tracing::info_span!(
         "rpc",
-        otel.name = format!("stepbox.v1.StepExecutor/{method}"),
+        otel.name = format!("{service}/{method}"),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
-        rpc.service = "stepbox.v1.StepExecutor",
+        rpc.service = service,
         rpc.method = method,
         rpc.grpc.status_code = tracing::field::Empty,
         tenant = tenant,

@@ -1,10 +1,12 @@
 //! Tenants: bearer tokens (stored as sha256) map to tenants, each with the policies it may use, a
-//! concurrency quota and a rate limit.
+//! concurrency quota, a rate limit, what it may do with the step catalog (`run`, `publish`,
+//! `promote`; default `run`) and which published steps it may see (name patterns; default all).
 //!
 //! Without tenants every caller is the anonymous tenant `local`, which may do anything (the config
 //! refuses that on a non-loopback address unless told otherwise). Errors: no or unknown token →
-//! `UNAUTHENTICATED`; a policy the tenant may not use → `PERMISSION_DENIED`; over quota or rate →
-//! `RESOURCE_EXHAUSTED`, with a `google.rpc.RetryInfo` detail saying when to retry.
+//! `UNAUTHENTICATED`; a policy or catalog action the tenant may not use → `PERMISSION_DENIED`; a
+//! step it may not see → `NOT_FOUND` (worded like a step that does not exist); over quota or rate
+//! → `RESOURCE_EXHAUSTED`, with a `google.rpc.RetryInfo` detail saying when to retry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::service::config::TenantConfig;
+use crate::service::config::{CatalogPermission, TenantConfig};
 
 /// A token bucket.
 #[derive(Debug)]
@@ -52,6 +54,9 @@ pub struct Tenant {
     slots: Option<Arc<Semaphore>>,
     quota: usize,
     bucket: Option<Mutex<Bucket>>,
+    catalog: Vec<CatalogPermission>,
+    /// Step name patterns it may see (`*` matches any run of characters); empty: all.
+    steps: Vec<String>,
 }
 
 /// Holds one of a tenant's concurrent slots.
@@ -66,7 +71,39 @@ impl Tenant {
             slots: None,
             quota: 0,
             bucket: None,
+            catalog: vec![
+                CatalogPermission::Run,
+                CatalogPermission::Publish,
+                CatalogPermission::Promote,
+            ],
+            steps: Vec::new(),
         }
+    }
+
+    /// Whether the tenant may `permission` published steps.
+    pub fn may(&self, permission: CatalogPermission) -> bool {
+        self.catalog.contains(&permission)
+    }
+
+    /// Refuses a catalog action the tenant may not take (`PERMISSION_DENIED`).
+    pub fn require(&self, permission: CatalogPermission) -> Result<(), Status> {
+        if self.may(permission) {
+            return Ok(());
+        }
+        let (key, what) = match permission {
+            CatalogPermission::Run => ("run", "run published steps"),
+            CatalogPermission::Publish => ("publish", "publish steps"),
+            CatalogPermission::Promote => ("promote", "promote steps"),
+        };
+        Err(Status::permission_denied(format!(
+            "tenant `{}` may not {what}: its `catalog` permissions do not include `{key}`",
+            self.name
+        )))
+    }
+
+    /// Whether the tenant may see the published step `name` (its `steps` patterns).
+    pub fn may_see(&self, name: &str) -> bool {
+        self.steps.is_empty() || self.steps.iter().any(|p| glob_match(p, name))
     }
 
     /// Refuses a policy the tenant may not use.
@@ -157,6 +194,8 @@ impl Tenants {
                         last: Instant::now(),
                     })
                 }),
+                catalog: c.catalog.clone(),
+                steps: c.steps.clone(),
             });
             let mut hashes: Vec<String> = c.tokens.iter().map(|t| t.to_ascii_lowercase()).collect();
             if let Some(file) = &c.tokens_file {
@@ -218,6 +257,28 @@ impl Tenants {
     }
 }
 
+/// Whether `name` matches `pattern`, where `*` matches any run of characters (none included)
+/// and everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*`: the whole name must be the pattern.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +303,41 @@ mod tests {
             m.insert("authorization", a.parse().unwrap());
         }
         m
+    }
+
+    #[test]
+    fn globs_match_step_names() {
+        for (p, n, want) in [
+            ("billing-*", "billing-export", true),
+            ("billing-*", "billing-", true),
+            ("billing-*", "bill", false),
+            ("*", "anything", true),
+            ("csv-check", "csv-check", true),
+            ("csv-check", "csv-check-2", false),
+            ("*-check", "csv-check", true),
+            ("*-check", "csv-checks", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+            ("a*a", "a", false),
+        ] {
+            assert_eq!(glob_match(p, n), want, "{p} {n}");
+        }
+    }
+
+    #[test]
+    fn catalog_permissions_and_visibility() {
+        let mut c = tenant("acme", "tok");
+        c.steps = vec!["billing-*".into(), "shared".into()];
+        let t = Tenants::from_config(&[c]).unwrap();
+        let acme = t.authenticate(&md(Some("Bearer tok"))).unwrap();
+        assert!(acme.may(CatalogPermission::Run) && !acme.may(CatalogPermission::Publish));
+        let e = acme.require(CatalogPermission::Promote).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("`promote`"), "{}", e.message());
+        assert!(acme.may_see("billing-export") && acme.may_see("shared"));
+        assert!(!acme.may_see("hr-export"));
+        let local = Tenants::default().authenticate(&md(None)).unwrap();
+        assert!(local.may(CatalogPermission::Promote) && local.may_see("anything"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! The Python component must be built first (`guest-runtime/python/build.sh`); compiled artifacts
 //! are cached in `target/test-cache` so only the first run of the suite pays for compilation.
 
+mod catalog;
 mod cli;
 mod common;
 mod conversation;

@@ -26,7 +26,7 @@ RUN apt-get update \
  && mkdir -p /var/cache/stepbox && chown stepbox /var/cache/stepbox
 COPY --from=build /src/target/release/stepbox /usr/local/bin/stepbox
 COPY --from=build /src/target/guest/python-runtime.wasm /usr/local/share/stepbox/python-runtime.wasm
-COPY --from=build /src/target/guest/python-runtime.LICENSE-CPython.txt /usr/local/share/stepbox/
+COPY --from=build /src/target/guest/python-runtime.LICENSE-CPython.txt /src/target/guest/python-runtime.LICENSES-packages.txt /usr/local/share/stepbox/
 COPY deploy/stepbox.toml /etc/stepbox/stepbox.toml
 ENV STEPBOX_CONFIG=/etc/stepbox/stepbox.toml \
     STEPBOX_PYTHON_COMPONENT=/usr/local/share/stepbox/python-runtime.wasm \

@@ -470,14 +470,23 @@ impl Generator {
                 "Write output files into `/mnt/data`: new or changed files there are the outputs. `/tmp` is scratch space.",
             ),
         };
+        let packages: Vec<String> = crate::sandbox::runtime::python_packages()
+            .iter()
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect();
         let mut s = String::from(
             "You write one complete Python program (a \"step\") that turns the user's input files into the outputs they describe.\n\
-             It runs in a sandbox with these rules:\n\
-             - Python 3.14 with its standard library only. Third-party packages (pandas, numpy, requests, openpyxl, ...) are NOT installed. \
-             Unavailable even from the standard library: bz2, lzma, ssl, ctypes, curses, fcntl, grp, pwd, mmap, pty, readline, resource, \
-             syslog, termios, tty, tkinter; zoneinfo has no time-zone data (use fixed offsets with datetime.timezone).\n\
-             - No network, no subprocesses, no threads.\n",
+             It runs in a sandbox with these rules:\n",
         );
+        let _ = writeln!(
+            s,
+            "- Python 3.14 with its standard library and these packages: {}. Nothing else is installed \
+             (no pandas, numpy, requests, lxml, ...). zoneinfo and dateutil know every IANA time zone. \
+             Unavailable even from the standard library: bz2, lzma, ssl, ctypes, curses, fcntl, grp, pwd, mmap, pty, readline, resource, \
+             syslog, termios, tty, tkinter.",
+            packages.join(", ")
+        );
+        s.push_str("- No network, no subprocesses, no threads.\n");
         let _ = writeln!(s, "- {data} {outputs}");
         let _ = writeln!(
             s,

@@ -36,6 +36,18 @@ fn checkout_component() -> PathBuf {
         .join(PYTHON_COMPONENT_FILE)
 }
 
+/// The pinned requirements the Python component's package bundle is built from.
+const PYTHON_REQUIREMENTS: &str = include_str!("../../../guest-runtime/python/requirements.txt");
+
+/// The third-party packages bundled into the Python runtime, as `(name, version)`, in the order
+/// of `guest-runtime/python/requirements.txt` (the one list the build installs from).
+pub fn python_packages() -> Vec<(&'static str, &'static str)> {
+    PYTHON_REQUIREMENTS
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.split_once("=="))
+        .collect()
+}
+
 /// The places searched for the Python component, in order.
 pub fn python_component_candidates() -> Vec<PathBuf> {
     let mut c = Vec::new();

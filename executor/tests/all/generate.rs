@@ -178,7 +178,8 @@ async fn crash_then_wrong_output_then_a_verified_step() {
     let system = requests[0]["messages"][0]["content"].as_str().unwrap();
     assert!(
         system.contains("`/input` (read-only)")
-            && system.contains("standard library only")
+            && system.contains("standard library and these packages: openpyxl 3.1.5")
+            && system.contains("no pandas")
             && system.contains("No network")
     );
     let first = last_user(&requests[0]);

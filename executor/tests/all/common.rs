@@ -104,12 +104,15 @@ pub fn assert_status(r: &RunResult, status: Status) {
     );
 }
 
-/// The `stepbox` binary, run in `dir` with this suite's cache, component and a work root in `dir`.
+/// The `stepbox` binary, run in `dir` with this suite's cache, component, a work root in `dir`,
+/// and `dir/data` as its data directory (so the default catalog file is the test's own, never
+/// the user's).
 pub fn stepbox_command(dir: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_stepbox"));
     c.current_dir(dir)
         .env("STEPBOX_CACHE_DIR", cache_dir())
         .env("STEPBOX_PYTHON_COMPONENT", python_component())
-        .env("STEPBOX_WORK_ROOT", dir.join("work"));
+        .env("STEPBOX_WORK_ROOT", dir.join("work"))
+        .env("XDG_DATA_HOME", dir.join("data"));
     c
 }

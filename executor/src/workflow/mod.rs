@@ -13,6 +13,7 @@
 pub mod artifacts;
 pub mod model;
 pub mod publish;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -9,9 +9,10 @@
 //!
 //! Replicas cache resolved references and revalidate them against [`Store::catalog_generation`]
 //! (one primary-key read, bumped by every catalog write). The run history is bounded by
-//! [`Store::prune_runs`]. Tests run on SQLite always and on PostgreSQL when
-//! `STEPBOX_TEST_POSTGRES_URL` is set: `eval "$(scripts/postgres.sh start)"` starts a throwaway
-//! server.
+//! [`Store::prune_runs`]. Workflow schedules fire each occurrence exactly once across replicas
+//! by a unique key on `(schedule, occurrence)` (see [`Store::claim_firing`]). Tests run on
+//! SQLite always and on PostgreSQL when `STEPBOX_TEST_POSTGRES_URL` is set:
+//! `eval "$(scripts/postgres.sh start)"` starts a throwaway server.
 //!
 //! ```no_run
 //! # async fn demo() -> stepbox_store::Result<()> {
@@ -26,6 +27,7 @@
 mod catalog;
 mod error;
 mod runs;
+mod schedules;
 mod types;
 mod workflows;
 
@@ -40,6 +42,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 pub use error::{Result, StoreError};
+pub use schedules::{Claim, FiringRow, FiringStatus, Overlap, ScheduleRow, Trigger};
 pub use types::{
     Kind, NameSummary, NewVersion, Promotion, PromotionOutcome, PromotionRecord, RunEntry, RunPage,
     StageRow, VersionRow, VersionState,

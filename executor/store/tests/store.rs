@@ -809,8 +809,8 @@ mod cases {
         );
     }
 
-    /// The database at the previous schema (every migration but the newest: 0003 adds workflow
-    /// runs) with a version in it; opening upgrades it and keeps the data.
+    /// The database at the previous schema (every migration but the newest: 0004 adds
+    /// schedules) with a version in it; opening upgrades it and keeps the data.
     pub async fn upgrade_from_previous_schema(db: &TestDb) {
         let dir = tempfile::tempdir().unwrap();
         let backend = match db.backend {
@@ -850,12 +850,12 @@ mod cases {
                     .execute(&mut conn)
                     .await
                     .unwrap();
-                let runs = sqlx::query("SELECT 1 FROM workflow_runs")
+                let schedules = sqlx::query("SELECT 1 FROM schedules")
                     .fetch_all(&mut conn)
                     .await;
                 assert!(
-                    runs.is_err(),
-                    "the previous schema has no workflow_runs table"
+                    schedules.is_err(),
+                    "the previous schema has no schedules table"
                 );
                 conn.close().await.unwrap();
             }
@@ -891,6 +891,20 @@ mod cases {
             Some(json!({"steps": []}))
         );
         assert_eq!(store.get_workflow_run("other", "w1").await.unwrap(), None);
+        store
+            .create_schedule(&stepbox_store::ScheduleRow {
+                id: "s1".into(),
+                tenant: "t".into(),
+                name: "report".into(),
+                created_at: 1,
+                updated_at: 1,
+                active_from: 1,
+                paused: false,
+                definition: json!({"cron": "0 * * * * *"}),
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.list_schedules(None).await.unwrap().len(), 1);
         let (v2, created) = store
             .publish_version(&version("old", 2, VersionState::Verified))
             .await

@@ -17,6 +17,7 @@ mod manifest;
 mod packages;
 mod platform;
 mod python;
+mod schedule;
 mod telemetry;
 mod wasm;
 mod workflow;

@@ -1,0 +1,384 @@
+//! Schedules in the store, on SQLite always and on PostgreSQL when `STEPBOX_TEST_POSTGRES_URL`
+//! is set (under `CI` the PostgreSQL tests fail without it): exactly one of several racing
+//! claims of an occurrence wins, the overlap policy is applied in the claim, dead runs are
+//! reaped by their lease, pause/resume/delete.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use sqlx::Connection;
+use stepbox_store::{
+    Backend, Claim, FiringStatus, Overlap, ScheduleRow, Store, StoreError, Trigger,
+};
+use tokio::sync::Barrier;
+
+/// One empty database for one test: a file in a temporary directory, or a PostgreSQL database
+/// created for it (dropped at the end of a passing test).
+struct TestDb {
+    url: String,
+    backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    /// PostgreSQL: the admin URL and the database to drop afterwards.
+    drop_pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        // A parent directory that does not exist yet: open must create it.
+        let path = dir.path().join("data/stepbox/catalog.db");
+        TestDb {
+            url: Store::sqlite_url(&path),
+            backend: Backend::Sqlite,
+            _dir: Some(dir),
+            drop_pg: None,
+        }
+    }
+
+    async fn postgres() -> Option<TestDb> {
+        let Ok(admin) = std::env::var("STEPBOX_TEST_POSTGRES_URL") else {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "CI is set but STEPBOX_TEST_POSTGRES_URL is not: the PostgreSQL tests must run \
+                     in CI (start a server with `eval \"$(scripts/postgres.sh start)\"`)"
+                );
+            }
+            eprintln!(
+                "skipped: PostgreSQL (set STEPBOX_TEST_POSTGRES_URL; see scripts/postgres.sh)"
+            );
+            return None;
+        };
+        let name = format!("stepbox_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("connect to STEPBOX_TEST_POSTGRES_URL");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("CREATE DATABASE (the role needs CREATEDB)");
+        conn.close().await.ok();
+        Some(TestDb {
+            url: with_database(&admin, &name),
+            backend: Backend::Postgres,
+            _dir: None,
+            drop_pg: Some((admin, name)),
+        })
+    }
+
+    async fn open(&self) -> Store {
+        let store = Store::open(&self.url).await.expect("open the store");
+        assert_eq!(store.backend(), self.backend);
+        store
+    }
+
+    async fn finish(self) {
+        if let Some((admin, name)) = &self.drop_pg {
+            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// `url` with its path (the database name) replaced, query kept.
+fn with_database(url: &str, database: &str) -> String {
+    let start = url.find("://").unwrap() + 3;
+    let (head, rest) = url.split_at(start);
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let query = tail.find('?').map(|q| &tail[q..]).unwrap_or("");
+    format!("{head}{authority}/{database}{query}")
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` for every case in `cases`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let db = super::TestDb::sqlite();
+                    super::cases::$name(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(db) = super::TestDb::postgres().await else { return };
+                    super::cases::$name(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    racing_replicas_claim_an_occurrence_once,
+    overlap_policies_in_the_claim,
+    dead_runs_are_reaped_by_the_lease,
+    pause_resume_delete_and_tenancy,
+);
+
+fn schedule(id: &str, tenant: &str) -> ScheduleRow {
+    ScheduleRow {
+        id: id.into(),
+        tenant: tenant.into(),
+        name: "report".into(),
+        created_at: 1_000,
+        updated_at: 1_000,
+        active_from: 1_000,
+        paused: false,
+        definition: json!({"cron": "* * * * * *"}),
+    }
+}
+
+fn claim(id: &str, fire_at: i64, overlap: Overlap, replica: &str) -> Claim<'static> {
+    Claim {
+        schedule_id: Box::leak(id.to_string().into_boxed_str()),
+        tenant: "t",
+        fire_at,
+        trigger: Trigger::Schedule,
+        overlap,
+        replica: Box::leak(replica.to_string().into_boxed_str()),
+        now: fire_at,
+        lease_ms: 60_000,
+    }
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn racing_replicas_claim_an_occurrence_once(db: &TestDb) {
+        // Two replicas (two stores, two pools) and several tasks each race for the same
+        // occurrences: every occurrence has exactly one winner, and one row.
+        let a = db.open().await;
+        let b = db.open().await;
+        a.create_schedule(&schedule("s", "t")).await.unwrap();
+        for fire_at in [2_000, 3_000, 4_000] {
+            let barrier = Arc::new(Barrier::new(8));
+            let mut tasks = Vec::new();
+            for i in 0..8 {
+                let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let barrier = barrier.clone();
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    let c = claim("s", fire_at, Overlap::Allow, &format!("replica-{i}"));
+                    store.claim_firing(&c).await.unwrap()
+                }));
+            }
+            let mut won = Vec::new();
+            for t in tasks {
+                if let Some(status) = t.await.unwrap() {
+                    won.push(status);
+                }
+            }
+            assert_eq!(won, vec![FiringStatus::Running], "at {fire_at}");
+        }
+        let rows = a.list_firings("t", "s", 10).await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.fire_at).collect::<Vec<_>>(),
+            vec![4_000, 3_000, 2_000]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.trigger == "schedule" && r.status == "running")
+        );
+        assert_eq!(b.last_scheduled_firing("s").await.unwrap(), Some(4_000));
+        assert_eq!(b.last_scheduled_firing("other").await.unwrap(), None);
+        // A skipped record of an occurrence already claimed is not recorded again.
+        assert!(
+            !a.record_skipped_firing(
+                &claim("s", 3_000, Overlap::Skip, "r"),
+                FiringStatus::SkippedMissed,
+                "m"
+            )
+            .await
+            .unwrap()
+        );
+        assert!(
+            a.record_skipped_firing(
+                &claim("s", 1_500, Overlap::Skip, "r"),
+                FiringStatus::SkippedMissed,
+                "m"
+            )
+            .await
+            .unwrap()
+        );
+        a.finish_firing("s", 4_000, FiringStatus::Succeeded, "run-1", "", 4_500)
+            .await
+            .unwrap();
+        let rows = b.list_firings("t", "s", 1).await.unwrap();
+        assert_eq!(rows[0].status, "succeeded");
+        assert_eq!(rows[0].run_id, "run-1");
+    }
+
+    pub async fn overlap_policies_in_the_claim(db: &TestDb) {
+        let store = db.open().await;
+        for (id, overlap) in [
+            ("skip", Overlap::Skip),
+            ("queue", Overlap::QueueOne),
+            ("allow", Overlap::Allow),
+        ] {
+            store.create_schedule(&schedule(id, "t")).await.unwrap();
+            let first = store.claim_firing(&claim(id, 2_000, overlap, "r")).await;
+            assert_eq!(first.unwrap(), Some(FiringStatus::Running), "{id}");
+            let second = store
+                .claim_firing(&claim(id, 3_000, overlap, "r"))
+                .await
+                .unwrap();
+            let third = store
+                .claim_firing(&claim(id, 4_000, overlap, "r"))
+                .await
+                .unwrap();
+            let expected = match overlap {
+                Overlap::Skip => [FiringStatus::SkippedOverlap, FiringStatus::SkippedOverlap],
+                Overlap::QueueOne => [FiringStatus::Queued, FiringStatus::SkippedOverlap],
+                Overlap::Allow => [FiringStatus::Running, FiringStatus::Running],
+            };
+            assert_eq!([second.unwrap(), third.unwrap()], expected, "{id}");
+        }
+        // The queued one starts only once nothing runs, and only once.
+        assert_eq!(
+            store
+                .start_queued_firing("queue", "r", 3_500, 60_000)
+                .await
+                .unwrap(),
+            None
+        );
+        store
+            .finish_firing("queue", 2_000, FiringStatus::Succeeded, "x", "", 3_600)
+            .await
+            .unwrap();
+        let (x, y) = tokio::join!(
+            store.start_queued_firing("queue", "a", 3_700, 60_000),
+            store.start_queued_firing("queue", "b", 3_700, 60_000)
+        );
+        let mut started = [x.unwrap(), y.unwrap()];
+        started.sort();
+        assert_eq!(started, [None, Some(3_000)]);
+        // Nothing else waits now.
+        let rows = store.list_firings("t", "queue", 10).await.unwrap();
+        let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+        assert_eq!(statuses, ["skipped_overlap", "running", "succeeded"]);
+    }
+
+    pub async fn dead_runs_are_reaped_by_the_lease(db: &TestDb) {
+        let store = db.open().await;
+        store.create_schedule(&schedule("s", "t")).await.unwrap();
+        let mut c = claim("s", 2_000, Overlap::Skip, "dead-replica");
+        assert_eq!(
+            store.claim_firing(&c).await.unwrap(),
+            Some(FiringStatus::Running)
+        );
+        // Within the lease (heartbeat kept): still running, the next one is skipped.
+        store.heartbeat_firing("s", 2_000, 50_000).await.unwrap();
+        c.fire_at = 100_000;
+        c.now = 100_000;
+        assert_eq!(
+            store.claim_firing(&c).await.unwrap(),
+            Some(FiringStatus::SkippedOverlap)
+        );
+        // No heartbeat for longer than the lease: the dead run is failed and the next one runs.
+        c.fire_at = 111_000;
+        c.now = 111_000;
+        assert_eq!(
+            store.claim_firing(&c).await.unwrap(),
+            Some(FiringStatus::Running)
+        );
+        let rows = store.list_firings("t", "s", 10).await.unwrap();
+        let dead = rows.iter().find(|r| r.fire_at == 2_000).unwrap();
+        assert_eq!(dead.status, "failed");
+        assert!(dead.message.contains("no heartbeat"), "{}", dead.message);
+    }
+
+    pub async fn pause_resume_delete_and_tenancy(db: &TestDb) {
+        let store = db.open().await;
+        store.create_schedule(&schedule("s", "t")).await.unwrap();
+        store
+            .create_schedule(&schedule("o", "other"))
+            .await
+            .unwrap();
+        let err = store
+            .create_schedule(&schedule("s", "t"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument { field: "id", .. }),
+            "{err}"
+        );
+        assert_eq!(store.list_schedules(None).await.unwrap().len(), 2);
+        assert_eq!(store.list_schedules(Some("t")).await.unwrap().len(), 1);
+        assert!(store.get_schedule("other", "s").await.unwrap().is_none());
+        let got = store.get_schedule("t", "s").await.unwrap().unwrap();
+        assert_eq!(got, schedule("s", "t"));
+
+        assert!(
+            !store
+                .set_schedule_paused("other", "s", true, 5_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .set_schedule_paused("t", "s", true, 5_000)
+                .await
+                .unwrap()
+        );
+        let active: Vec<String> = store
+            .list_schedules(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(active, ["o"]);
+        // Resuming moves `active_from`: the pause's occurrences are not due.
+        assert!(
+            store
+                .set_schedule_paused("t", "s", false, 9_000)
+                .await
+                .unwrap()
+        );
+        let s = store.get_schedule("t", "s").await.unwrap().unwrap();
+        assert!(!s.paused);
+        assert_eq!(s.active_from, 9_000);
+        // Resuming a running schedule leaves it alone.
+        assert!(
+            store
+                .set_schedule_paused("t", "s", false, 12_000)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .get_schedule("t", "s")
+                .await
+                .unwrap()
+                .unwrap()
+                .active_from,
+            9_000
+        );
+
+        store
+            .claim_firing(&claim("s", 10_000, Overlap::Skip, "r"))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .list_firings("other", "s", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!store.delete_schedule("other", "s").await.unwrap());
+        assert!(store.delete_schedule("t", "s").await.unwrap());
+        assert!(store.get_schedule("t", "s").await.unwrap().is_none());
+        assert!(store.list_firings("t", "s", 10).await.unwrap().is_empty());
+    }
+}

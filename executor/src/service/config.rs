@@ -69,7 +69,8 @@ pub struct ServerSection {
     /// Serve a non-loopback address without tenants (anyone who can connect may run code).
     pub allow_unauthenticated: bool,
     /// Finished runs kept per tenant for `GetRun`/`ListRuns` (in memory, this replica only);
-    /// 0 keeps none.
+    /// 0 keeps none. With `[catalog] database` set, the shared history in that database is used
+    /// instead, bounded by `catalog.run_history` and `catalog.run_retention`.
     pub run_history: usize,
 }
 

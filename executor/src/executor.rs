@@ -18,8 +18,8 @@ use crate::sandbox::pipe::OutputChunk;
 
 use crate::job::checks::{Check, CheckResult};
 use crate::job::digest::sha256_hex;
-use crate::job::manifest::{FileDigest, Manifest};
 pub use crate::job::manifest::StepVersionRef;
+use crate::job::manifest::{FileDigest, Manifest};
 use crate::job::outcome::{OutputFile, OutputKind};
 use crate::sandbox::engine::{self, Engines};
 use crate::sandbox::jobdir::JobDir;

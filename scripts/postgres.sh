@@ -32,7 +32,7 @@ pg_bin() {
     if [[ -z "$bin" ]]; then
         log "installing Debian's postgresql (apt-get)"
         apt-get update -qq >&2
-        apt-get install -y -qq postgresql >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
         bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
     fi
     echo "$bin"

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--concurrency 1,8,32] [--seconds 10] [--queue 64] [--addr HOST:PORT]
-//!                             [--traces]
+//!                             [--traces] [--by-ref]
 //! ```
 //! Without `--addr` the server runs in this process (its RSS is reported at the start and end of
 //! each level); with `--addr` it drives a running `stepbox serve`. Concurrency above the server's
@@ -11,6 +11,11 @@
 //! `--traces` (in-process server only) runs every level a second time with OTLP trace export on,
 //! to an in-process collector on loopback that counts the spans it receives, so the cost of
 //! tracing is a ratio within one run.
+//! `--by-ref` (in-process server only) publishes the same hello step to a catalog on a temporary
+//! SQLite file, promotes it to `prod`, and at every level runs it inline and then by reference
+//! (`step_ref = "hello@prod"`), so the cost of a run by reference (the cached stage resolution,
+//! the job built from the stored definition, the version in the manifest) is a ratio within one
+//! run.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +31,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use stepbox::pb::step_executor_client::StepExecutorClient;
 use stepbox::pb::{self, RunStepRequest, Step};
+use stepbox::service::catalog::CatalogHandle;
 use stepbox::service::{ServerOptions, serve};
 use stepbox::{Executor, ExecutorConfig};
 
@@ -35,6 +41,7 @@ struct Args {
     queue: usize,
     addr: Option<SocketAddr>,
     traces: bool,
+    by_ref: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +51,7 @@ fn args() -> Args {
         queue: 64,
         addr: None,
         traces: false,
+        by_ref: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -61,6 +69,11 @@ fn args() -> Args {
             "--addr" => a.addr = Some(value().parse().expect("--addr HOST:PORT")),
             "--traces" => {
                 a.traces = true;
+                i += 1;
+                continue;
+            }
+            "--by-ref" => {
+                a.by_ref = true;
                 i += 1;
                 continue;
             }
@@ -96,6 +109,72 @@ fn hello() -> RunStepRequest {
     }
 }
 
+/// Makes one request of a mode.
+type Request = fn() -> RunStepRequest;
+
+/// The same step, published: `hello@prod`.
+fn hello_by_ref() -> RunStepRequest {
+    RunStepRequest {
+        step_ref: "hello@prod".into(),
+        ..Default::default()
+    }
+}
+
+/// Publishes the hello step (one case: it prints `hello, world`) to a catalog on a SQLite file in
+/// `dir` and promotes it to `prod`.
+async fn hello_catalog(exec: Arc<Executor>, dir: &Path) -> Arc<CatalogHandle> {
+    use stepbox::catalog::model::Case;
+    use stepbox::catalog::{Blob, Catalog, CheckSpec, Origin, StepDefinition, StepRef};
+    let store =
+        stepbox_store::Store::open(&stepbox_store::Store::sqlite_url(&dir.join("catalog.db")))
+            .await
+            .expect("catalog store");
+    let catalog = Catalog::new(
+        store,
+        exec,
+        stepbox::catalog::default_stages(),
+        Some(stepbox::catalog::DEFAULT_REFRESH),
+    )
+    .await
+    .expect("catalog");
+    let def = StepDefinition {
+        name: "hello".into(),
+        description: "Prints hello, world".into(),
+        runtime: "python".into(),
+        program: Blob::Text("print('hello, world')".into()),
+        filename: None,
+        layout: "input-output".into(),
+        policy: "default".into(),
+        env: Default::default(),
+        cases: vec![Case {
+            name: "prints".into(),
+            checks: vec![CheckSpec {
+                kind: "stdout_equals".into(),
+                expected: Some(Blob::Text("hello, world\n".into())),
+                ..CheckSpec::default()
+            }],
+            ..Case::default()
+        }],
+        contract: Vec::new(),
+        origin: Origin::Api,
+    };
+    let published = catalog
+        .publish(&def, "bench", false)
+        .await
+        .expect("publish");
+    assert!(
+        published.version.is_some_and(|v| v.verified),
+        "{:?}",
+        published.cases
+    );
+    let promoted = catalog
+        .promote(&StepRef::parse("ref", "hello@v1").unwrap(), "prod", "bench")
+        .await
+        .expect("promote");
+    assert!(promoted.promoted, "{}", promoted.reason);
+    Arc::new(CatalogHandle::ready(Arc::new(catalog)))
+}
+
 #[derive(Default)]
 struct Stats {
     latencies: Vec<Duration>,
@@ -103,7 +182,12 @@ struct Stats {
     wrong: u64,
 }
 
-async fn drive(addr: SocketAddr, concurrency: usize, duration: Duration) -> (Stats, Duration) {
+async fn drive(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    request: Request,
+) -> (Stats, Duration) {
     let end = Instant::now() + duration;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -115,7 +199,7 @@ async fn drive(addr: SocketAddr, concurrency: usize, duration: Duration) -> (Sta
             let mut s = Stats::default();
             while Instant::now() < end {
                 let t = Instant::now();
-                match client.run_step(hello()).await {
+                match client.run_step(request()).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         if r.status() != pb::Status::Succeeded || r.stdout != b"hello, world\n" {
@@ -210,6 +294,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let catalog_dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
         let addr = match a.addr {
             Some(addr) => addr,
@@ -224,29 +309,34 @@ fn main() {
                 exec.warm_up()
                     .await
                     .expect("python runtime (build it with guest-runtime/python/build.sh)");
+                let exec = Arc::new(exec);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
                 let options = ServerOptions {
                     queue: a.queue,
+                    catalog: if a.by_ref {
+                        Some(hello_catalog(exec.clone(), catalog_dir.path()).await)
+                    } else {
+                        None
+                    },
                     ..ServerOptions::default()
                 };
                 println!(
                     "in-process server on {addr}: concurrency {} queue {}",
                     options.concurrency, options.queue
                 );
-                tokio::spawn(serve(
-                    Arc::new(exec),
-                    listener,
-                    options,
-                    std::future::pending(),
-                ));
+                tokio::spawn(serve(exec, listener, options, std::future::pending()));
                 addr
             }
         };
         // Warm the connection path and the runtime's caches.
-        drive(addr, 1, Duration::from_millis(500)).await;
+        drive(addr, 1, Duration::from_millis(500), hello).await;
+        if a.by_ref {
+            drive(addr, 1, Duration::from_millis(500), hello_by_ref).await;
+        }
         println!(
-            "{:>6} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors",
+            "{:>6} {:>6} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12}  errors",
+            "mode",
             "traces",
             "conc",
             "requests",
@@ -273,26 +363,36 @@ fn main() {
 }
 
 async fn levels(addr: SocketAddr, a: &Args, traces: &str) {
-    for &c in &a.levels {
-        let rss0 = rss_kib();
-        let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds)).await;
-        let rss1 = rss_kib();
-        s.latencies.sort();
-        let n = s.latencies.len();
-        println!(
-            "{traces:>6} {c:>5} {n:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9} KiB {:>9} KiB  {:?}{}",
-            n as f64 / took.as_secs_f64(),
-            pct(&s.latencies, 0.5),
-            pct(&s.latencies, 0.99),
-            pct(&s.latencies, 1.0),
-            rss0,
-            rss1,
-            s.errors,
-            if s.wrong > 0 {
-                format!(" WRONG RESULTS: {}", s.wrong)
-            } else {
-                String::new()
-            }
-        );
+    let mut modes: Vec<(&str, Request)> = vec![("inline", hello)];
+    if a.by_ref && a.addr.is_none() {
+        modes.push(("by-ref", hello_by_ref));
     }
+    for &c in &a.levels {
+        for &(mode, request) in &modes {
+            level(addr, a, traces, c, mode, request).await;
+        }
+    }
+}
+
+async fn level(addr: SocketAddr, a: &Args, traces: &str, c: usize, mode: &str, request: Request) {
+    let rss0 = rss_kib();
+    let (mut s, took) = drive(addr, c, Duration::from_secs(a.seconds), request).await;
+    let rss1 = rss_kib();
+    s.latencies.sort();
+    let n = s.latencies.len();
+    println!(
+        "{mode:>6} {traces:>6} {c:>5} {n:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9} KiB {:>9} KiB  {:?}{}",
+        n as f64 / took.as_secs_f64(),
+        pct(&s.latencies, 0.5),
+        pct(&s.latencies, 0.99),
+        pct(&s.latencies, 1.0),
+        rss0,
+        rss1,
+        s.errors,
+        if s.wrong > 0 {
+            format!(" WRONG RESULTS: {}", s.wrong)
+        } else {
+            String::new()
+        }
+    );
 }

@@ -5,7 +5,10 @@ import re
 import sys
 from collections import Counter
 
-indir, outdir = sys.argv[1], sys.argv[2]
+# Where the CSV is and where the report goes: argv[1] and argv[2], by default the sandbox's
+# /input and /output (so a published step needs no arguments).
+indir = sys.argv[1] if len(sys.argv) > 1 else "/input"
+outdir = sys.argv[2] if len(sys.argv) > 2 else "/output"
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
 PLANS = {"free", "team", "business", "enterprise"}
 

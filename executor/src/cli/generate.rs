@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::Executor;
+use crate::catalog::{Blob, Case, CheckSpec, Origin, StepDefinition};
 use crate::cli::io::{read_inputs, text_or_file};
-use crate::cli::{CheckArgs, GlobalArgs};
+use crate::cli::{CatalogArgs, CheckArgs, GlobalArgs};
 use crate::job::limits::Millis;
 use crate::job::request::Layout;
 
@@ -55,6 +56,16 @@ pub struct GenerateArgs {
     /// The model to ask.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Publish the verified program to the step catalog under this name, with the sample inputs
+    /// and checks as its case and the transcript as its origin (see `stepbox step`).
+    #[arg(long, value_name = "NAME")]
+    pub publish: Option<String>,
+    /// The published step's description (default: the requirements).
+    #[arg(long, requires = "publish")]
+    pub description: Option<String>,
+    /// The catalog --publish stores into.
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
 }
 
 /// Which OpenAI-compatible model to ask, and how.
@@ -119,6 +130,44 @@ impl GenerateArgs {
         for pair in &self.limits {
             req.limits.set_pair(pair).map_err(anyhow::Error::msg)?;
         }
+        // Refuse a publication that cannot happen before spending model calls on it.
+        let door = match &self.publish {
+            Some(name) => {
+                crate::catalog::model::check_name("--publish", name)
+                    .map_err(crate::catalog::CatalogError::Invalid)?;
+                anyhow::ensure!(
+                    !req.checks.is_empty(),
+                    "--publish needs checks (--check, --expect-file, --expect-stdout): a published \
+                     step's case is the evidence that it works"
+                );
+                if !self.limits.is_empty() {
+                    eprintln!(
+                        "stepbox: warning: --limit is not part of a published step; its runs use \
+                         its policy's limits"
+                    );
+                }
+                Some(self.catalog.open(global).await?)
+            }
+            None => None,
+        };
+        let sample = Case {
+            name: "sample".into(),
+            inputs: req
+                .inputs
+                .iter()
+                .map(|i| (i.path.clone(), Blob::from_bytes(&i.content)))
+                .collect(),
+            stdin: None,
+            args: req.args.clone(),
+            checks: req.checks.iter().map(CheckSpec::from_check).collect(),
+        };
+        let (description, layout, policy) = (
+            self.description
+                .clone()
+                .unwrap_or_else(|| req.requirements.trim().to_string()),
+            req.layout,
+            req.policy.clone(),
+        );
         let config = self.model.config();
         let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
         let generator = Generator::new(executor, config.clone())?;
@@ -193,10 +242,43 @@ impl GenerateArgs {
                 None => std::io::stdout().lock().write_all(source.as_bytes())?,
             }
         }
-        Ok(if outcome.verdict == Verdict::Failed {
+        let mut code = if outcome.verdict == Verdict::Failed {
             1
         } else {
             0
-        })
+        };
+        if let (Some(door), Some(name)) = (&door, &self.publish) {
+            let mut err = std::io::stderr().lock();
+            match (&outcome.verdict, &outcome.source) {
+                (Verdict::Verified, Some(source)) => {
+                    let def = StepDefinition {
+                        name: name.clone(),
+                        description,
+                        runtime: outcome.runtime.name().to_string(),
+                        program: Blob::Text(source.clone()),
+                        filename: None,
+                        layout: layout.name().to_string(),
+                        policy,
+                        env: Default::default(),
+                        cases: vec![sample],
+                        contract: Vec::new(),
+                        origin: Origin::Generated {
+                            model: outcome.transcript.model.clone(),
+                            transcript: serde_json::to_value(&outcome.transcript)?,
+                        },
+                    };
+                    code =
+                        code.max(crate::cli::step::publish_from_door(door, &def, &mut err).await?);
+                }
+                (verdict, _) => {
+                    writeln!(
+                        err,
+                        "stepbox: not published: the program is {verdict:?}, not Verified"
+                    )?;
+                    code = 1;
+                }
+            }
+        }
+        Ok(code)
     }
 }

@@ -8,9 +8,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::Executor;
-use crate::cli::GlobalArgs;
+use crate::catalog::{Blob, Case, CheckSpec, Origin, StepDefinition};
 use crate::cli::generate::ModelArgs;
 use crate::cli::io::read_inputs;
+use crate::cli::{CatalogArgs, GlobalArgs};
 use crate::job::request::Layout;
 
 /// `stepbox import`.
@@ -31,7 +32,7 @@ pub struct ImportArgs {
     /// library, verified on --input files against the conversation's recorded outputs.
     #[arg(long)]
     pub port: bool,
-    /// The conversation's input files, for --port.
+    /// The conversation's input files, for --port and --publish.
     #[arg(long = "input", value_name = "PATH")]
     pub inputs: Vec<PathBuf>,
     /// Most model calls for --port.
@@ -40,12 +41,30 @@ pub struct ImportArgs {
     /// The model to ask for --port.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Publish the step to the step catalog under this name: its case is the --input files with
+    /// the conversation's recorded stdout, its contract that the offered files are produced.
+    #[arg(long, value_name = "NAME", requires = "inputs")]
+    pub publish: Option<String>,
+    /// The published step's description (default: the conversation's title).
+    #[arg(long, requires = "publish")]
+    pub description: Option<String>,
+    /// The catalog --publish stores into.
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
 }
 
 impl ImportArgs {
     pub(crate) async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
         let bytes = std::fs::read(&self.file)
             .with_context(|| format!("failed to read `{}`", self.file.display()))?;
+        let door = match &self.publish {
+            Some(name) => {
+                crate::catalog::model::check_name("--publish", name)
+                    .map_err(crate::catalog::CatalogError::Invalid)?;
+                Some(self.catalog.open(global).await?)
+            }
+            None => None,
+        };
         let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
         let mut imported =
             crate::authoring::conversation::import(&executor, &bytes, self.select.as_deref())
@@ -58,11 +77,28 @@ impl ImportArgs {
             std::fs::write(path, &imported.source)
                 .with_context(|| format!("failed to write `{}`", path.display()))?;
         }
+        // The publication's report: on stderr with --json (stdout carries the import alone),
+        // after the summary otherwise.
+        let published = match (&door, &self.publish) {
+            (Some(door), Some(name)) => {
+                let def = self.definition(name, &imported)?;
+                let mut report = Vec::new();
+                let code = crate::cli::step::publish_from_door(door, &def, &mut report).await?;
+                Some((code, report))
+            }
+            _ => None,
+        };
         if self.json {
             let mut out = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut out, &imported)?;
             writeln!(out)?;
-            return Ok(0);
+            return Ok(match published {
+                Some((code, report)) => {
+                    std::io::stderr().lock().write_all(&report)?;
+                    code
+                }
+                None => 0,
+            });
         }
         let ex = &imported.extracted;
         let mut out = std::io::stdout().lock();
@@ -153,7 +189,67 @@ impl ImportArgs {
                 self.file.display()
             )?,
         }
-        Ok(0)
+        match published {
+            Some((code, report)) => {
+                writeln!(out, "Published:")?;
+                out.write_all(&report)?;
+                Ok(code)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// The step to publish: the imported program, its case the --input files with the recorded
+    /// stdout, its contract that the offered files are produced (true on any input).
+    fn definition(
+        &self,
+        name: &str,
+        imported: &crate::authoring::conversation::ImportedStep,
+    ) -> anyhow::Result<StepDefinition> {
+        let job = imported.job();
+        let contract: Vec<CheckSpec> = imported
+            .output_checks()
+            .iter()
+            .map(CheckSpec::from_check)
+            .collect();
+        let checks = imported
+            .recorded_checks()
+            .iter()
+            .map(CheckSpec::from_check)
+            .filter(|c| !contract.contains(c))
+            .collect();
+        let ex = &imported.extracted;
+        Ok(StepDefinition {
+            name: name.to_string(),
+            description: self.description.clone().unwrap_or_else(|| {
+                if ex.title.trim().is_empty() {
+                    "Imported from a ChatGPT Code Interpreter conversation".into()
+                } else {
+                    ex.title.clone()
+                }
+            }),
+            runtime: job.runtime.name().to_string(),
+            program: Blob::from_bytes(&job.program),
+            filename: job.filename.clone(),
+            layout: job.layout.name().to_string(),
+            policy: "default".into(),
+            env: Default::default(),
+            cases: vec![Case {
+                name: "conversation".into(),
+                inputs: read_inputs(None, &self.inputs)?
+                    .into_iter()
+                    .map(|i| (i.path, Blob::from_bytes(&i.content)))
+                    .collect(),
+                stdin: None,
+                args: Vec::new(),
+                checks,
+            }],
+            contract,
+            origin: Origin::Conversation {
+                title: ex.title.clone(),
+                conversation_id: ex.conversation_id.clone(),
+            },
+        })
     }
 
     /// Asks the model to port the imported step to the standard library, verified on the inputs.

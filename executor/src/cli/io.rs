@@ -1,11 +1,14 @@
 //! Files in and out of the CLI: inputs read from disk, outputs written under `--output-dir`
-//! (names from the guest re-checked; symlinks never recreated).
+//! (names from the guest re-checked; symlinks never recreated), and a finished run handed over
+//! the way `stepbox run` does it, whether it ran here or on a server ([`Finished`]).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::job::outcome::{OutputKind, RunResult};
+use crate::job::checks::CheckResult;
+use crate::job::outcome::{OutputFile, OutputKind, RunResult, Status};
 use crate::job::request::{InputFile, check_relative_path};
 
 /// `TEXT`, or the bytes of `@FILE`.
@@ -70,12 +73,22 @@ fn read_input_dir(dir: &Path) -> anyhow::Result<Vec<InputFile>> {
     Ok(files)
 }
 
-/// Writes the result's files under `dir`. Names come from the guest, so each is re-checked as a
+/// Reads `--stdin FILE`.
+pub(crate) fn read_stdin(path: Option<&Path>) -> anyhow::Result<bytes::Bytes> {
+    match path {
+        Some(p) => Ok(std::fs::read(p)
+            .with_context(|| format!("failed to read stdin file `{}`", p.display()))?
+            .into()),
+        None => Ok(bytes::Bytes::new()),
+    }
+}
+
+/// Writes a run's files under `dir`. Names come from the guest, so each is re-checked as a
 /// safe relative path; symlinks are reported on stderr and not recreated.
-pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
+pub fn write_outputs(dir: &Path, outputs: &[OutputFile]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("failed to create output directory `{}`", dir.display()))?;
-    for o in &result.outputs {
+    for o in outputs {
         let rel = check_relative_path("output", &o.path)?;
         match &o.kind {
             OutputKind::File => {
@@ -95,4 +108,106 @@ pub fn write_outputs(dir: &Path, result: &RunResult) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A finished run as the CLI hands it over: from this process's executor
+/// ([`Finished::local`]) or from a server's response.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    /// How it ended (after checks).
+    pub status: Status,
+    /// Why, when it did not succeed.
+    pub message: String,
+    /// The step's stdout.
+    pub stdout: bytes::Bytes,
+    /// The step's stderr.
+    pub stderr: bytes::Bytes,
+    /// The files it left.
+    pub outputs: Vec<OutputFile>,
+    /// The checks' verdicts.
+    pub verdicts: Vec<CheckResult>,
+    /// What `--json` prints: the whole result with `check_results`.
+    pub json: serde_json::Value,
+    /// What `-v` prints: timings and usage in one line.
+    pub timings: String,
+}
+
+impl Finished {
+    /// A run of this process's executor.
+    pub(crate) fn local(result: RunResult, verdicts: Vec<CheckResult>) -> anyhow::Result<Finished> {
+        let mut json = serde_json::to_value(&result)?;
+        json["check_results"] = serde_json::to_value(&verdicts)?;
+        let u = &result.usage;
+        let timings = format!(
+            "{} in {:.1} ms (compile/load {:.1} ms from {:?}, instantiate {:.2} ms, peak memory {} KiB{})",
+            result.status,
+            u.wall_time_us as f64 / 1000.0,
+            u.compile_us as f64 / 1000.0,
+            u.compile_cache,
+            u.instantiate_us as f64 / 1000.0,
+            u.peak_memory_bytes / 1024,
+            u.fuel_consumed
+                .map(|f| format!(", fuel {f}"))
+                .unwrap_or_default()
+        );
+        Ok(Finished {
+            status: result.status,
+            message: result.message,
+            stdout: result.stdout,
+            stderr: result.stderr,
+            outputs: result.outputs,
+            verdicts,
+            json,
+            timings,
+        })
+    }
+}
+
+/// How a finished run is handed over (the flags `stepbox run` and `stepbox step run` share).
+#[derive(Debug, Default)]
+pub(crate) struct Presentation<'a> {
+    /// `--output-dir`.
+    pub output_dir: Option<&'a Path>,
+    /// `--json`.
+    pub json: bool,
+    /// `-q`.
+    pub quiet: bool,
+    /// `-v`.
+    pub verbose: bool,
+}
+
+/// Hands a finished run over: output files into `--output-dir`; then either the whole result as
+/// JSON on stdout, or the step's stdout and stderr byte for byte followed by failed checks and one
+/// `stepbox: STATUS: message` line. Returns the status's exit code.
+pub(crate) fn present(f: &Finished, p: &Presentation<'_>) -> anyhow::Result<u8> {
+    if p.verbose {
+        eprintln!("stepbox: {}", f.timings);
+    }
+    if let Some(dir) = p.output_dir {
+        write_outputs(dir, &f.outputs)?;
+    }
+    if p.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &f.json)?;
+        writeln!(out)?;
+    } else {
+        std::io::stdout().lock().write_all(&f.stdout)?;
+        std::io::stderr().lock().write_all(&f.stderr)?;
+        for v in f.verdicts.iter().filter(|v| !v.passed || p.verbose) {
+            eprintln!(
+                "stepbox: check {}: {}{}",
+                v.name,
+                if v.passed { "passed" } else { "FAILED" },
+                if v.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", v.detail)
+                }
+            );
+        }
+        if f.status != Status::Succeeded && !p.quiet {
+            eprintln!("stepbox: {}: {}", f.status, f.message);
+        }
+    }
+    Ok(f.status.exit_code())
 }

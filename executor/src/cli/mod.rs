@@ -5,8 +5,8 @@
 //! was refused, 10 that the host failed.
 //!
 //! One file per subcommand ([`run`], [`serve`], [`generate`], [`import`], [`config`],
-//! [`policy`]); the flags for checks ([`checks`]) and reading inputs and writing outputs
-//! ([`io`]) are shared. The CLI uses the core, the service and authoring; nothing uses it.
+//! [`policy`], [`step`]); the flags for checks ([`checks`]), reading inputs and handing results
+//! over ([`io`]), and the gRPC client of `--server` ([`remote`]) are shared. The CLI uses the core, the service and authoring; nothing uses it.
 
 pub mod checks;
 pub mod config;
@@ -14,6 +14,7 @@ pub mod generate;
 pub mod import;
 pub mod io;
 pub mod policy;
+pub mod remote;
 pub mod run;
 pub mod serve;
 pub mod step;
@@ -33,7 +34,7 @@ pub use crate::cli::io::write_outputs;
 pub use crate::cli::policy::PolicyCommand;
 pub use crate::cli::run::RunArgs;
 pub use crate::cli::serve::ServeArgs;
-pub use crate::cli::step::StepCommand;
+pub use crate::cli::step::{CatalogArgs, StepArgs, StepCommand};
 pub use crate::cli::workflow::WorkflowCommand;
 use crate::job::policy::PolicySet;
 use crate::job::request::JobError;
@@ -92,9 +93,8 @@ pub enum Command {
     /// Inspect policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// The step catalog: publish, promote, run by reference.
-    #[command(subcommand)]
-    Step(StepCommand),
+    /// The step catalog: publish, list, show, promote, history, run by reference.
+    Step(StepArgs),
     /// Workflows: steps chained output to input.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
@@ -166,22 +166,34 @@ impl Cli {
             Command::Import(args) => args.execute(&self.global).await,
             Command::Config(cmd) => cmd.execute().map(|()| 0),
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
-            Command::Step(cmd) => cmd.execute().await,
+            Command::Step(args) => args.execute(&self.global).await,
             Command::Workflow(cmd) => cmd.execute(&self.global).await,
         };
         match result {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 use crate::authoring::generate::GenerateError;
-                let code = match (
-                    e.downcast_ref::<JobError>(),
-                    e.downcast_ref::<GenerateError>(),
-                ) {
-                    (Some(j), _) | (_, Some(GenerateError::Job(j))) if !j.is_caller_error() => {
+                let code = if let Some(c) = e.downcast_ref::<crate::catalog::CatalogError>() {
+                    crate::cli::step::exit_code(c)
+                } else if let Some(s) = e.downcast_ref::<stepbox_store::StoreError>() {
+                    if s.is_unavailable() {
                         EXIT_HOST_ERROR
+                    } else {
+                        EXIT_BAD_REQUEST
                     }
-                    (_, Some(GenerateError::Model(_))) => EXIT_HOST_ERROR,
-                    _ => EXIT_BAD_REQUEST,
+                } else if let Some(r) = e.downcast_ref::<crate::cli::remote::RemoteError>() {
+                    r.exit_code()
+                } else {
+                    match (
+                        e.downcast_ref::<JobError>(),
+                        e.downcast_ref::<GenerateError>(),
+                    ) {
+                        (Some(j), _) | (_, Some(GenerateError::Job(j))) if !j.is_caller_error() => {
+                            EXIT_HOST_ERROR
+                        }
+                        (_, Some(GenerateError::Model(_))) => EXIT_HOST_ERROR,
+                        _ => EXIT_BAD_REQUEST,
+                    }
                 };
                 if verbose {
                     eprintln!("stepbox: error: {e:?}");

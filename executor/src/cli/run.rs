@@ -1,16 +1,14 @@
 //! `stepbox run`: one step, its output passed through byte for byte, an exit code per status.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::Executor;
-use crate::cli::io::{read_inputs, write_outputs};
+use crate::cli::io::{Finished, Presentation, present, read_inputs, read_stdin};
 use crate::cli::{CheckArgs, GlobalArgs};
 use crate::job::limits::LimitOverrides;
-use crate::job::outcome::Status;
 use crate::job::request::{Layout, RuntimeKind, StepJob};
 
 /// `stepbox run`.
@@ -110,11 +108,7 @@ impl RunArgs {
         }
         job.limits = limits;
         job.inputs = read_inputs(self.input_dir.as_deref(), &self.inputs)?;
-        if let Some(stdin) = &self.stdin {
-            job.stdin = std::fs::read(stdin)
-                .with_context(|| format!("failed to read stdin file `{}`", stdin.display()))?
-                .into();
-        }
+        job.stdin = read_stdin(self.stdin.as_deref())?;
         for pair in &self.env {
             let (k, v) = pair
                 .split_once('=')
@@ -157,49 +151,14 @@ impl RunArgs {
         let (result, verdicts) = executor
             .run_checked(job, &checks, crate::RunOptions::default())
             .await?;
-        if global.verbose {
-            let u = &result.usage;
-            eprintln!(
-                "stepbox: {} in {:.1} ms (compile/load {:.1} ms from {:?}, instantiate {:.2} ms, peak memory {} KiB{})",
-                result.status,
-                u.wall_time_us as f64 / 1000.0,
-                u.compile_us as f64 / 1000.0,
-                u.compile_cache,
-                u.instantiate_us as f64 / 1000.0,
-                u.peak_memory_bytes / 1024,
-                u.fuel_consumed
-                    .map(|f| format!(", fuel {f}"))
-                    .unwrap_or_default()
-            );
-        }
-        if let Some(dir) = &self.output_dir {
-            write_outputs(dir, &result)?;
-        }
-        if self.json {
-            let mut out = std::io::stdout().lock();
-            let mut value = serde_json::to_value(&result)?;
-            value["check_results"] = serde_json::to_value(&verdicts)?;
-            serde_json::to_writer_pretty(&mut out, &value)?;
-            writeln!(out)?;
-        } else {
-            std::io::stdout().lock().write_all(&result.stdout)?;
-            std::io::stderr().lock().write_all(&result.stderr)?;
-            for v in verdicts.iter().filter(|v| !v.passed || global.verbose) {
-                eprintln!(
-                    "stepbox: check {}: {}{}",
-                    v.name,
-                    if v.passed { "passed" } else { "FAILED" },
-                    if v.detail.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", v.detail)
-                    }
-                );
-            }
-            if result.status != Status::Succeeded && !self.quiet {
-                eprintln!("stepbox: {}: {}", result.status, result.message);
-            }
-        }
-        Ok(result.status.exit_code())
+        present(
+            &Finished::local(result, verdicts)?,
+            &Presentation {
+                output_dir: self.output_dir.as_deref(),
+                json: self.json,
+                quiet: self.quiet,
+                verbose: global.verbose,
+            },
+        )
     }
 }

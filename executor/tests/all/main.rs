@@ -18,6 +18,7 @@ mod packages;
 mod platform;
 mod python;
 mod schedule;
+mod step_cli;
 mod telemetry;
 mod wasm;
 mod workflow;

@@ -595,7 +595,8 @@ impl Catalog {
 
     /// Promotes the version `r` selects to `stage`: refused if the stage does not exist, if the
     /// version is unverified and `stage` is not the first stage, or if any case fails when re-run
-    /// under the stage's policy. Two promotions of one stage at once: one wins, the other is
+    /// under the stage's policy (an unverified version entering the first stage is not gated: its
+    /// cases are re-run for the audit record only). Two promotions of one stage at once: one wins, the other is
     /// refused as a conflict; both are audited.
     pub async fn promote(
         &self,
@@ -641,7 +642,10 @@ impl Catalog {
                 .filter(|c| !c.passed())
                 .map(|c| c.case.as_str())
                 .collect();
-            let refusal = (!failed.is_empty()).then(|| {
+            // The first stage is where drafts live: an unverified version may enter it with its
+            // cases failing (they are re-run for the record); a verified one is gated everywhere.
+            let gated = version.verified || !first;
+            let refusal = (gated && !failed.is_empty()).then(|| {
                 format!(
                     "{} of {} cases failed under policy `{policy}`: {}",
                     failed.len(),

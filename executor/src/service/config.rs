@@ -259,7 +259,14 @@ pub struct TenantConfig {
 }
 
 /// The variables that are not overrides.
-const RESERVED: &[&str] = &["STEPBOX_CONFIG", "STEPBOX_LOG", "STEPBOX_MODEL"];
+/// `STEPBOX_SERVER` and `STEPBOX_TOKEN` are the CLI's (`--server`, its bearer token).
+const RESERVED: &[&str] = &[
+    "STEPBOX_CONFIG",
+    "STEPBOX_LOG",
+    "STEPBOX_MODEL",
+    "STEPBOX_SERVER",
+    "STEPBOX_TOKEN",
+];
 const SECTIONS: &[&str] = &[
     "server",
     "tls",

@@ -292,20 +292,16 @@ fn failing_cases_unverified_versions_and_refused_promotions() {
         out.contains("bulk-edit-validator@v1 sha256:") && out.contains("(UNVERIFIED, new)"),
         "{out}"
     );
-    // Promotion re-runs the cases: refused even for the first stage while they fail, exit 1,
-    // naming the failing case and check; past the first stage it is refused as unverified.
+    // An unverified version may enter the first stage (a draft): its cases are re-run for the
+    // record and still show the failure; past the first stage it is refused as unverified.
     let o = stepbox(
         dir,
         &["step", "promote", "bulk-edit-validator@v1", "--to", "dev"],
     );
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(
-        out.contains("check stdout_equals: FAILED: stdout differs")
-            && out.ends_with(
-                "refused: bulk-edit-validator@v1 to dev: 1 of 1 cases failed under policy \
-                 `default`: sample\n"
-            ),
+        out.contains("check stdout_equals: FAILED: stdout differs"),
         "{out}"
     );
     let o = stepbox(
@@ -367,8 +363,7 @@ fn failing_cases_unverified_versions_and_refused_promotions() {
         "{history}"
     );
     assert!(
-        lines[2]
-            .contains("dev        (unset) -> v1  REFUSED  by local:tester: 1 of 1 cases failed"),
+        lines[2].contains("dev        (unset) -> v1  accepted  by local:tester: "),
         "{history}"
     );
 
@@ -376,7 +371,7 @@ fn failing_cases_unverified_versions_and_refused_promotions() {
     let show = ok(&stepbox(dir, &["step", "show", "bulk-edit-validator@v1"]));
     assert!(
         show.contains("state:       unverified")
-            && show.contains("stages:      none")
+            && show.contains("stages:      dev")
             && show.contains("case sample: FAILED")
             && show.contains("check stdout_equals"),
         "{show}"

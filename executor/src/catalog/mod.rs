@@ -240,6 +240,23 @@ pub struct PromotionResult {
     pub cases: Vec<CaseResult>,
 }
 
+impl PromotionResult {
+    /// The result of what the store did with a promotion, with the cases re-run for it.
+    pub fn from_outcome(outcome: &PromotionOutcome, cases: Vec<CaseResult>) -> PromotionResult {
+        let (promoted, reason) = match outcome {
+            PromotionOutcome::Promoted(_) => (true, String::new()),
+            PromotionOutcome::Refused(r) => (false, r.reason.clone()),
+            PromotionOutcome::Conflict { record, .. } => (false, record.reason.clone()),
+        };
+        PromotionResult {
+            promoted,
+            reason,
+            record: outcome.record().clone(),
+            cases,
+        }
+    }
+}
+
 /// A step's overview.
 #[derive(Clone, Debug)]
 pub struct StepOverview {
@@ -683,17 +700,7 @@ impl Catalog {
             })
             .await?;
         self.refresh_now().await;
-        let (promoted, reason) = match &outcome {
-            PromotionOutcome::Promoted(_) => (true, String::new()),
-            PromotionOutcome::Refused(r) => (false, r.reason.clone()),
-            PromotionOutcome::Conflict { record, .. } => (false, record.reason.clone()),
-        };
-        Ok(PromotionResult {
-            promoted,
-            reason,
-            record: outcome.record().clone(),
-            cases,
-        })
+        Ok(PromotionResult::from_outcome(&outcome, cases))
     }
 
     /// Every step name, with its newest version; `filter` matches names and descriptions.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use stepbox_store::{Kind, NewVersion, Promotion, PromotionOutcome, VersionRow, VersionState};
+use stepbox_store::{Kind, NewVersion, Promotion, VersionRow, VersionState};
 
 use crate::catalog::model::{Blob, ModelError, Selector, StepRef};
 use crate::catalog::{CatalogError, PromotionResult};
@@ -461,16 +461,6 @@ impl Workflows {
             })
             .await
             .map_err(host)?;
-        let (promoted, reason) = match &outcome {
-            PromotionOutcome::Promoted(_) => (true, String::new()),
-            PromotionOutcome::Refused(r) => (false, r.reason.clone()),
-            PromotionOutcome::Conflict { record, .. } => (false, record.reason.clone()),
-        };
-        Ok(PromotionResult {
-            promoted,
-            reason,
-            record: outcome.record().clone(),
-            cases: Vec::new(),
-        })
+        Ok(PromotionResult::from_outcome(&outcome, Vec::new()))
     }
 }

@@ -16,6 +16,7 @@ pub mod io;
 pub mod policy;
 pub mod remote;
 pub mod run;
+pub mod schedule;
 pub mod serve;
 pub mod step;
 pub mod workflow;
@@ -98,6 +99,9 @@ pub enum Command {
     /// Workflows: steps chained output to input.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
+    /// Workflow schedules (fired by `stepbox serve` with a `[catalog] database`).
+    #[command(subcommand)]
+    Schedule(crate::cli::schedule::ScheduleCommand),
 }
 
 impl GlobalArgs {
@@ -168,6 +172,7 @@ impl Cli {
             Command::Policy(cmd) => cmd.execute(&self.global).map(|()| 0),
             Command::Step(args) => args.execute(&self.global).await,
             Command::Workflow(cmd) => cmd.execute(&self.global).await,
+            Command::Schedule(cmd) => cmd.execute(&self.global).await,
         };
         match result {
             Ok(code) => ExitCode::from(code),

@@ -142,16 +142,141 @@ impl ServeArgs {
                 }
             });
         }
-        let shutdown = async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let scheduler = match (&config.catalog.database, &options.catalog) {
+            (Some(_), Some(handle)) => Some(tokio::spawn(run_scheduler(
+                handle.clone(),
+                config.workflows.clone(),
+                workflow_concurrency(&config),
+                options.grace,
+                stop_rx,
+            ))),
+            _ => None,
+        };
+        let shutdown = async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
+            let _ = stop_tx.send(true);
         };
         crate::service::serve(executor, listener, options, shutdown).await?;
+        if let Some(s) = scheduler {
+            let _ = s.await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Workflow steps a scheduled run starts at once: `[server] concurrency`, else the cores.
+fn workflow_concurrency(config: &Config) -> usize {
+    config
+        .server
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// This replica's name in firing records: `$HOSTNAME` (a pod's name), else the host name, with
+/// the process id.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            ["/proc/sys/kernel/hostname", "/etc/hostname"]
+                .iter()
+                .find_map(|p| std::fs::read_to_string(p).ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "stepbox".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// The workflow scheduler of a server with a configured `[catalog] database`: it waits for the
+/// database (retrying like the catalog handle, so a database down at start does not stop the
+/// server), then fires schedules until shutdown, and lets running firings finish within the
+/// grace period.
+async fn run_scheduler(
+    handle: std::sync::Arc<crate::service::catalog::CatalogHandle>,
+    section: crate::workflow::schedule::WorkflowsSection,
+    concurrency: usize,
+    grace: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::workflow::schedule::{Scheduler, SchedulerOptions, SystemClock};
+    let stopped = |stop: &tokio::sync::watch::Receiver<bool>| {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
+    let mut warned = false;
+    let catalog = loop {
+        match handle.get().await {
+            Ok(c) => break c,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "workflow schedules wait for the catalog database");
+                    warned = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(crate::service::catalog::REOPEN_INTERVAL) => {}
+                    () = stopped(&stop) => return,
+                }
+            }
+        }
+    };
+    let artifacts = match artifacts_for(&section) {
+        Ok(a) => std::sync::Arc::new(a),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "workflow schedules are off");
+            return;
+        }
+    };
+    let workflows =
+        crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency);
+    let options = SchedulerOptions {
+        replica: replica_name(),
+        ..SchedulerOptions::default()
+    };
+    let scheduler = match Scheduler::new(
+        catalog.store().clone(),
+        workflows,
+        artifacts,
+        &section,
+        std::sync::Arc::new(SystemClock),
+        options,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "workflow schedules are off");
+            return;
+        }
+    };
+    tracing::info!("workflow schedules running");
+    scheduler.run_forever(stopped(&stop)).await;
+    if tokio::time::timeout(grace, scheduler.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "scheduled runs still going at the end of the grace period");
+    }
+}
+
+/// The artifact store of `[workflows]`: `artifacts`, else the default directory.
+pub(crate) fn artifacts_for(
+    section: &crate::workflow::schedule::WorkflowsSection,
+) -> anyhow::Result<crate::workflow::artifacts::Artifacts> {
+    use crate::workflow::artifacts::Artifacts;
+    let dir = match &section.artifacts {
+        Some(d) => d.clone(),
+        None => Artifacts::default_dir().context(
+            "no home directory for the artifact store (set [workflows] artifacts or XDG_DATA_HOME)",
+        )?,
+    };
+    Artifacts::open(&dir).map_err(|e| anyhow::anyhow!("`workflows.artifacts`: {e}"))
 }

@@ -43,6 +43,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// The step catalog: where it is stored and its stages.
     pub catalog: CatalogSection,
+    /// Workflow schedules: the inbox/outbox roots and the artifact store.
+    pub workflows: crate::workflow::schedule::WorkflowsSection,
     /// Who may call, and within which quotas. None: no authentication (loopback only, unless
     /// `server.allow_unauthenticated`).
     pub tenants: Vec<TenantConfig>,
@@ -275,6 +277,7 @@ const SECTIONS: &[&str] = &[
     "model",
     "telemetry",
     "catalog",
+    "workflows",
 ];
 const TOP_LEVEL: &[&str] = &[
     "work_root",
@@ -418,6 +421,7 @@ impl Config {
                 }
             }
         }
+        self.workflows.roots().map_err(anyhow::Error::msg)?;
         if self.tenants.is_empty()
             && !self.server.addr.ip().is_loopback()
             && !self.server.allow_unauthenticated
@@ -578,6 +582,31 @@ mod tests {
             e.contains("tenants[0].tokens[0]") && e.contains("never put a plain token"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn workflow_roots_are_checked_naming_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("missing");
+        let e = Config::parse(
+            &format!(
+                "[workflows]\noutput_roots = [{:?}]\n",
+                missing.display().to_string()
+            ),
+            "t",
+            vars(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workflows.output_roots[0]"), "{e}");
+        let root = d.path().display().to_string();
+        let c = Config::parse(
+            "",
+            "t",
+            vars(&[("STEPBOX_WORKFLOWS_INPUT_ROOTS", &format!("[{root:?}]"))]),
+        )
+        .unwrap();
+        assert_eq!(c.workflows.input_roots, vec![d.path().to_path_buf()]);
     }
 
     #[test]

@@ -585,3 +585,179 @@ async fn a_long_downtime_is_recorded_without_a_row_per_occurrence() {
         rows[1].message
     );
 }
+
+/// The command line end to end: `stepbox schedule create` on the catalog database a config
+/// names, then a real `stepbox serve` on that config fires the per-second schedule, delivers to
+/// the outbox and records the firing; an outbox outside `[workflows] output_roots` is refused
+/// naming the flag.
+#[test]
+fn stepbox_schedule_create_then_serve_fires_into_the_outbox() {
+    use std::io::BufRead;
+    let w = World::new();
+    let d = w.dir.path();
+    let config = d.join("stepbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\naddr = \"127.0.0.1:0\"\n[catalog]\ndatabase = {:?}\n\
+             [workflows]\ninput_roots = [{:?}]\noutput_roots = [{:?}]\nartifacts = {:?}\n",
+            w.sqlite_url(),
+            w.path("in").display().to_string(),
+            w.path("out").display().to_string(),
+            w.path("artifacts").display().to_string(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("report.py"), REPORT).unwrap();
+    std::fs::write(
+        d.join("workflow.toml"),
+        r#"
+name = "cli-report"
+[inputs]
+sales = "sales.csv"
+[[steps]]
+id = "report"
+program = "report.py"
+args = ["0"]
+inputs = { "sales.csv" = "inputs.sales" }
+[outputs]
+report = "steps.report.outputs.report.md"
+"#,
+    )
+    .unwrap();
+    std::fs::write(d.join("sales.csv"), "rep,total\nana,7\n").unwrap();
+    let stepbox = |args: &[&str]| {
+        let out = common::stepbox_command(d)
+            .env_remove("STEPBOX_CATALOG_DATABASE")
+            .env("STEPBOX_CONFIG", &config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let outside = w.path("outside").display().to_string();
+    let (code, out, err) = stepbox(&[
+        "schedule",
+        "create",
+        "workflow.toml",
+        "--cron",
+        "* * * * * *",
+        "--input",
+        "sales=sales.csv",
+        "--outbox",
+        &outside,
+    ]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("--outbox") && err.contains("output_roots"),
+        "{err}"
+    );
+
+    let outbox = w.path("out/outbox").display().to_string();
+    let (code, out, err) = stepbox(&[
+        "schedule",
+        "create",
+        "workflow.toml",
+        "--cron",
+        "* * * * * *",
+        "--input",
+        "sales=sales.csv",
+        "--outbox",
+        &outbox,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let id = out.trim().to_string();
+    let (code, out, err) = stepbox(&["schedule", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&id) && out.contains("cli-report") && out.contains("active"),
+        "{out}"
+    );
+
+    let mut child = common::stepbox_command(d)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("STEPBOX_CATALOG_DATABASE")
+        .env_remove("STEPBOX_TEST_POSTGRES_URL")
+        .env_remove("STEPBOX_TEST_POSTGRES_DIR")
+        .env("STEPBOX_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut child = Kill(child);
+    assert!(
+        line.starts_with("listening on "),
+        "stepbox serve said {line:?}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let delivered = loop {
+        let files: Vec<_> = std::fs::read_dir(w.path("out/outbox"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("report-") && n.ends_with(".md"))
+            .collect();
+        if let Some(f) = files.first() {
+            break f.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing delivered to the outbox within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        std::fs::read_to_string(w.path("out/outbox").join(&delivered)).unwrap(),
+        "# report\nrep,total\nana,7\n"
+    );
+    let (code, out, err) = stepbox(&["schedule", "firings", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("succeeded"), "{out}");
+
+    // SIGTERM: the server stops within its grace period.
+    let pid = child.0.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            assert!(s.success(), "{s:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stepbox serve did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (code, out, err) = stepbox(&["schedule", "pause", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, _) = stepbox(&["schedule", "list"]);
+    assert!(code == Some(0) && out.contains("paused"), "{out}");
+    let (code, _, err) = stepbox(&["schedule", "delete", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = stepbox(&["schedule", "firings", &id]);
+    assert_eq!(code, Some(2), "{err}");
+}

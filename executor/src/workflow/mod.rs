@@ -43,11 +43,11 @@ pub enum WorkflowError {
         error: ModelError,
     },
     /// A catalog reference could not be resolved, or the catalog is down.
-    #[error("workflow `{workflow}`: step `{step}`: {error}")]
+    #[error("workflow `{workflow}`: {}{error}", step_label(.step))]
     Catalog {
         /// The workflow's name.
         workflow: String,
-        /// The step.
+        /// The step (empty when the failure is the workflow's own, e.g. an unknown version).
         step: String,
         /// The catalog's answer.
         error: CatalogError,
@@ -58,6 +58,14 @@ pub enum WorkflowError {
     /// Artifacts or the store failed.
     #[error("{0}")]
     Host(String),
+}
+
+fn step_label(step: &str) -> String {
+    if step.is_empty() {
+        String::new()
+    } else {
+        format!("step `{step}`: ")
+    }
 }
 
 /// How one step of a run ended.

@@ -245,7 +245,7 @@ impl Workflows {
         };
         let digest = def.digest();
         let store = self.catalog.store();
-        let host = |e: stepbox_store::StoreError| self.catalog_err(&wf.name, "-", e.into());
+        let host = |e: stepbox_store::StoreError| self.catalog_err(&wf.name, "", e.into());
         if let Some(row) = store
             .get_version_by_digest(Kind::Workflow, &wf.name, &digest)
             .await
@@ -315,8 +315,8 @@ impl Workflows {
         r: &StepRef,
     ) -> Result<(VersionRow, WorkflowDefinition, Plan), WorkflowError> {
         let store = self.catalog.store();
-        let host = |e: stepbox_store::StoreError| self.catalog_err(&r.name, "-", e.into());
-        let nf = |what: String| self.catalog_err(&r.name, "-", CatalogError::NotFound(what));
+        let host = |e: stepbox_store::StoreError| self.catalog_err(&r.name, "", e.into());
+        let nf = |what: String| self.catalog_err(&r.name, "", CatalogError::NotFound(what));
         let row = match &r.selector {
             Selector::Latest => store
                 .latest_verified(Kind::Workflow, &r.name)
@@ -337,7 +337,7 @@ impl Workflows {
                 if !self.catalog.stages().iter().any(|c| &c.name == s) {
                     return Err(self.catalog_err(
                         &r.name,
-                        "-",
+                        "",
                         CatalogError::Invalid(ModelError::new(
                             "stage",
                             format!("unknown stage `{s}`"),
@@ -391,7 +391,7 @@ impl Workflows {
         if !stages.iter().any(|s| s.name == stage) {
             return Err(self.catalog_err(
                 &r.name,
-                "-",
+                "",
                 CatalogError::Invalid(ModelError::new(
                     "stage",
                     format!(
@@ -407,7 +407,7 @@ impl Workflows {
         }
         let (row, def, plan) = self.resolve_workflow(r).await?;
         let store = self.catalog.store();
-        let host = |e: stepbox_store::StoreError| self.catalog_err(&r.name, "-", e.into());
+        let host = |e: stepbox_store::StoreError| self.catalog_err(&r.name, "", e.into());
         let current = store
             .get_stage(Kind::Workflow, &row.name, stage)
             .await

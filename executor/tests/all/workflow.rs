@@ -541,6 +541,7 @@ async fn published_workflows_pin_step_versions_and_promote_like_steps() {
             .contains("no workflow version `monthly-report@v9`"),
         "{e}"
     );
+    assert!(!e.to_string().contains("step `"), "{e}");
     let history = catalog
         .store()
         .list_promotions(stepbox_store::Kind::Workflow, "monthly-report", 10)

@@ -508,6 +508,33 @@ impl Store {
         done.map_err(|e| self.name_err(e.into()))
     }
 
+    /// Deletes old firing records: of each schedule, every ended firing past its newest
+    /// `keep_last`, and every ended firing last changed before `older_than` (unix ms). Running
+    /// and queued firings are never deleted, nor the newest firing its cron made (the cursor a
+    /// restarted replica resumes from, [`Store::last_scheduled_firing`]): deleting it would make
+    /// a replica see long-past occurrences as missed again. Returns how many rows went.
+    pub async fn prune_firings(&self, keep_last: u32, older_than: i64) -> Result<u64> {
+        let n = with_pool!(self, |pool, _begin| {
+            sqlx::query(
+                "DELETE FROM schedule_firings WHERE status NOT IN ('running', 'queued') \
+                 AND (schedule_id, fire_at) IN (SELECT schedule_id, fire_at FROM ( \
+                   SELECT schedule_id, fire_at, updated_at, \
+                     ROW_NUMBER() OVER (PARTITION BY schedule_id ORDER BY fire_at DESC) AS rn, \
+                     MAX(CASE WHEN trigger_kind = 'schedule' THEN fire_at END) \
+                       OVER (PARTITION BY schedule_id) AS cursor_at \
+                   FROM schedule_firings) ranked \
+                 WHERE (rn > $1 OR updated_at < $2) \
+                   AND (cursor_at IS NULL OR fire_at <> cursor_at))",
+            )
+            .bind(i64::from(keep_last))
+            .bind(older_than)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        });
+        n.map_err(|e| self.name_err(e.into()))
+    }
+
     /// The newest `limit` firings of schedule `schedule_id` of `tenant`, newest first.
     pub async fn list_firings(
         &self,

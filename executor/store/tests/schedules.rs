@@ -1,7 +1,7 @@
 //! Schedules in the store, on SQLite always and on PostgreSQL when `STEPBOX_TEST_POSTGRES_URL`
 //! is set (under `CI` the PostgreSQL tests fail without it): exactly one of several racing
 //! claims of an occurrence wins, the overlap policy is applied in the claim, dead runs are
-//! reaped by their lease, pause/resume/delete.
+//! reaped by their lease, pause/resume/delete, old firings pruned.
 
 #[macro_use]
 mod common;
@@ -19,6 +19,7 @@ both_backends!(
     overlap_policies_in_the_claim,
     dead_runs_are_reaped_by_the_lease,
     pause_resume_delete_and_tenancy,
+    old_firings_are_pruned_but_not_running_ones_nor_the_cursor,
 );
 
 fn schedule(id: &str, tenant: &str) -> ScheduleRow {
@@ -276,5 +277,64 @@ mod cases {
         assert!(store.delete_schedule("t", "s").await.unwrap());
         assert!(store.get_schedule("t", "s").await.unwrap().is_none());
         assert!(store.list_firings("t", "s", 10).await.unwrap().is_empty());
+    }
+
+    pub async fn old_firings_are_pruned_but_not_running_ones_nor_the_cursor(db: &TestDb) {
+        let store = db.open().await;
+        store.create_schedule(&schedule("s", "t")).await.unwrap();
+        store.create_schedule(&schedule("u", "t")).await.unwrap();
+        // `s`: six scheduled firings at 1..6 s, ended at that time; one manual firing after
+        // them; one still running (never deleted).
+        for i in 1..=6 {
+            let at = i * 1_000;
+            store
+                .claim_firing(&claim("s", at, Overlap::Allow, "r"))
+                .await
+                .unwrap();
+            store
+                .finish_firing("s", at, FiringStatus::Succeeded, "run", "", at)
+                .await
+                .unwrap();
+        }
+        let mut manual = claim("s", 7_000, Overlap::Allow, "r");
+        manual.trigger = Trigger::Manual;
+        store.claim_firing(&manual).await.unwrap();
+        store
+            .finish_firing("s", 7_000, FiringStatus::Failed, "", "boom", 7_000)
+            .await
+            .unwrap();
+        store
+            .claim_firing(&claim("u", 1_000, Overlap::Allow, "r"))
+            .await
+            .unwrap();
+        let at = |rows: Vec<stepbox_store::FiringRow>| -> Vec<i64> {
+            rows.iter().map(|r| r.fire_at).collect()
+        };
+
+        // Keep the newest 3 of each schedule, no age limit: `s` loses 1..4 s.
+        assert_eq!(store.prune_firings(3, 0).await.unwrap(), 4);
+        assert_eq!(
+            at(store.list_firings("t", "s", 100).await.unwrap()),
+            [7_000, 6_000, 5_000]
+        );
+        // Keep 1: the manual firing is newest, but the newest scheduled one (the cursor a
+        // restarted replica resumes from) stays too.
+        assert_eq!(store.prune_firings(1, 0).await.unwrap(), 1);
+        assert_eq!(
+            at(store.list_firings("t", "s", 100).await.unwrap()),
+            [7_000, 6_000]
+        );
+        assert_eq!(store.last_scheduled_firing("s").await.unwrap(), Some(6_000));
+        // By age: everything ended before 100 s goes, except the cursor and the running firing.
+        assert_eq!(store.prune_firings(1000, 100_000).await.unwrap(), 1);
+        assert_eq!(
+            at(store.list_firings("t", "s", 100).await.unwrap()),
+            [6_000]
+        );
+        assert_eq!(
+            at(store.list_firings("t", "u", 100).await.unwrap()),
+            [1_000]
+        );
+        assert_eq!(store.prune_firings(0, i64::MAX).await.unwrap(), 0);
     }
 }

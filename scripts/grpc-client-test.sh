@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/python-env.sh
 cargo build --quiet --bin stepbox
 STEPBOX_BIN="$PWD/target/debug/stepbox" PYTHONPATH="$STUBS" "$PY" executor/tests/grpc_client/test_grpc_client.py
+STEPBOX_BIN="$PWD/target/debug/stepbox" PYTHONPATH="$STUBS" "$PY" executor/tests/grpc_client/test_handoff.py
 STEPBOX_BIN="$PWD/target/debug/stepbox" "$PY" scripts/validate-deploy.py

@@ -13,4 +13,4 @@ fi
 PY="$venv/bin/python"
 STUBS="$(mktemp -d)"
 trap 'rm -rf "$STUBS"' EXIT
-"$PY" -m grpc_tools.protoc -I proto --python_out="$STUBS" --grpc_python_out="$STUBS" proto/stepbox/v1/executor.proto proto/stepbox/v1/catalog.proto
+"$PY" -m grpc_tools.protoc -I proto --python_out="$STUBS" --grpc_python_out="$STUBS" proto/stepbox/v1/*.proto

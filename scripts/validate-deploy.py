@@ -45,6 +45,35 @@ check(re.search(r"^USER\s+10001", dockerfile, re.M) is not None, "Dockerfile run
 check("guest-runtime/python/build.sh" in dockerfile, "Dockerfile builds the guest runtime")
 check(len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2, "Dockerfile is multi-stage")
 
+# The hand-off example: a CronJob calling a published workflow through the client image.
+cron_docs = [d for d in yaml.safe_load_all((root / "deploy/k8s/cronjob-monthly-report.yaml").read_text()) if d]
+check([d["kind"] for d in cron_docs] == ["CronJob"], "cronjob manifest is one CronJob")
+cron = cron_docs[0]["spec"]
+fields = cron["schedule"].split()
+check(len(fields) == 5 and all(re.fullmatch(r"[0-9*/,\-]+", f) for f in fields), f"cron schedule {cron['schedule']!r} has 5 fields")
+check(cron.get("timeZone") == "Europe/Berlin", "cron schedule has an explicit time zone")
+check(cron.get("concurrencyPolicy") == "Forbid", "runs never overlap")
+job = cron["jobTemplate"]["spec"]
+pod = job["template"]["spec"]
+client = pod["containers"][0]
+check(pod["securityContext"]["runAsNonRoot"] is True and client["securityContext"]["readOnlyRootFilesystem"] is True,
+      "client runs non-root on a read-only root filesystem")
+env = {e["name"]: e.get("value") for e in client["env"]}
+check(float(env["STEPBOX_DEADLINE_SECONDS"]) < job["activeDeadlineSeconds"], "gRPC deadline below the job's activeDeadlineSeconds")
+token_mount = next(m for m in client["volumeMounts"] if m["name"] == "token")
+token_volume = next(v for v in pod["volumes"] if v["name"] == "token")
+check(env["STEPBOX_TOKEN_FILE"].startswith(token_mount["mountPath"] + "/") and "secret" in token_volume,
+      "bearer token read from a mounted Secret, not from args or env")
+check(not any("token" in a.lower() for a in client["args"]), "no token on the command line")
+check(any(re.fullmatch(r"--workflow=[a-z0-9-]+@[a-z0-9]+", a) for a in client["args"]), "client runs a published NAME@REF")
+rules = job["podFailurePolicy"]["rules"]
+check(any(r["action"] == "FailJob" and set(r["onExitCodes"]["values"]) == {1, 2} for r in rules),
+      "failed checks (1) and refusals (2) are not retried")
+client_dockerfile = (root / "deploy/clients/Dockerfile").read_text()
+protos = sorted(str(p.relative_to(root)) for p in (root / "proto/stepbox/v1").glob("*.proto"))
+check(all("/" + p in client_dockerfile for p in protos), f"client image generates stubs for every proto: {protos}")
+check(re.search(r"^USER\s+10001", client_dockerfile, re.M) is not None, "client image runs as non-root")
+
 with tempfile.TemporaryDirectory() as tmp:
     tokens = pathlib.Path(tmp, "tokens")
     tokens.write_text("an-example-token\n")

@@ -550,3 +550,53 @@ async fn published_workflows_pin_step_versions_and_promote_like_steps() {
     assert_eq!(history.len(), 2);
     assert!(history.iter().any(|h| !h.accepted));
 }
+
+#[tokio::test]
+async fn a_run_holds_at_most_its_artifact_limit_and_pruned_artifacts_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = catalog(dir.path()).await;
+    let artifacts = Arc::new(Artifacts::open(&dir.path().join("artifacts")).unwrap());
+    let plan = workflow(SUMMARY, "").plan().unwrap();
+    let report_len = "# Monthly report\n\n3 rows, total 23\n".len() as u64;
+    let held = (SALES.len() + PIVOTED.len()) as u64 + report_len;
+
+    // Exactly at the limit: it holds.
+    let wf = Workflows::new(catalog.clone(), artifacts.clone(), 2).with_run_limit(held);
+    let run = wf.run(&plan, inputs(), None, None).await.unwrap();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+
+    // One byte less: the summary's report is the file too many; it fails, nothing is kept.
+    let tight = Workflows::new(catalog.clone(), artifacts.clone(), 2).with_run_limit(held - 1);
+    let over = tight.run(&plan, inputs(), None, None).await.unwrap();
+    assert_eq!(over.status, "failed");
+    let summary = over.steps.iter().find(|s| s.id == "summary").unwrap();
+    assert_eq!(summary.state, StepState::Failed);
+    assert_eq!(summary.status, "OUTPUT_EXCEEDED");
+    assert!(
+        summary
+            .message
+            .contains(&format!("limit of {} bytes", held - 1))
+            && summary.message.contains("artifact_limit"),
+        "{}",
+        summary.message
+    );
+    assert!(summary.outputs.is_empty() && over.outputs.is_empty());
+
+    // Inputs alone past the limit: refused before anything runs, naming the key.
+    let tiny = Workflows::new(catalog.clone(), artifacts.clone(), 2).with_run_limit(10);
+    let err = tiny.run(&plan, inputs(), None, None).await.unwrap_err();
+    assert!(matches!(err, WorkflowError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains("artifact_limit"), "{err}");
+
+    // Retention: once the failed run's artifacts are pruned, resuming it re-runs the pivot
+    // instead of reusing files that are gone.
+    let pruned = artifacts.prune(std::time::Duration::ZERO).unwrap();
+    assert!(pruned.files >= 2, "{pruned:?}");
+    let resumed = wf.run(&plan, inputs(), Some(&over), None).await.unwrap();
+    assert_eq!(resumed.status, "succeeded", "{resumed:#?}");
+    let pivot = |r: &stepbox::workflow::WorkflowRunRecord| {
+        r.steps.iter().find(|s| s.id == "pivot").unwrap().clone()
+    };
+    assert_eq!(pivot(&resumed).state, StepState::Succeeded);
+    assert_ne!(pivot(&resumed).run_id, pivot(&over).run_id);
+}

@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 PathBuf::from("../proto/stepbox/v1/executor.proto"),
                 PathBuf::from("../proto/stepbox/v1/catalog.proto"),
+                PathBuf::from("../proto/stepbox/v1/workflow.proto"),
             ],
             &[PathBuf::from("../proto"), well_known],
         )?;

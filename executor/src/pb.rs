@@ -1,6 +1,6 @@
-//! The generated gRPC contract for `stepbox.v1` (`proto/stepbox/v1/executor.proto` and
-//! `catalog.proto`: `StepExecutor` and `StepCatalog`), shared by the service and the
-//! CLI's clients. Nothing in the core ([`crate::job`], [`crate::sandbox`]) uses it.
+//! The generated gRPC contract for `stepbox.v1` (`proto/stepbox/v1/executor.proto`,
+//! `catalog.proto` and `workflow.proto`: `StepExecutor`, `StepCatalog` and `StepWorkflows`),
+//! shared by the service and the CLI's clients. Nothing in the core ([`crate::job`], [`crate::sandbox`]) uses it.
 
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 

@@ -23,9 +23,12 @@ use crate::workflow::schedule::{
 const LOCAL_TENANT: &str = "local";
 
 /// `stepbox schedule ...`.
+// One value per process: boxing `Create` would only make the clap derive harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
-    /// Schedule a workflow file: fired by `stepbox serve` on the same catalog database.
+    /// Schedule a workflow file or a published workflow: fired by `stepbox serve` on the same
+    /// catalog database.
     Create(CreateArgs),
     /// List the schedules.
     List {
@@ -74,7 +77,13 @@ pub enum ScheduleCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The workflow file (frozen into the schedule with its programs' sources).
-    pub file: PathBuf,
+    #[arg(required_unless_present = "workflow", conflicts_with = "workflow")]
+    pub file: Option<PathBuf>,
+    /// A published workflow instead of a file: `NAME@vN` or `NAME@sha256:HEX` runs that
+    /// version always; `NAME@STAGE` (or `NAME`) follows the stage at each firing. Its steps
+    /// are always the step versions that workflow version pinned.
+    #[arg(long, value_name = "NAME@REF")]
+    pub workflow: Option<String>,
     /// Cron expression: 5 fields, or 6 with seconds first.
     #[arg(long)]
     pub cron: String,
@@ -129,6 +138,7 @@ fn flag_of(field: &str) -> String {
         "cron" => "--cron".into(),
         "timezone" => "--timezone".into(),
         "catch_up" => "--catch-up".into(),
+        "workflow_ref" => "--workflow".into(),
         f => match f.strip_prefix("inputs.") {
             Some(name) => format!("--input/--file `{name}`"),
             None => format!("`{f}`"),
@@ -161,8 +171,13 @@ fn utc(ms: i64) -> String {
 
 impl CreateArgs {
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
-        let workflow = WorkflowFile::load(&self.file)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.file.display()))?;
+        let workflow = match &self.file {
+            Some(file) => {
+                WorkflowFile::load(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+            }
+            // Filled in from the published version by `Scheduler::create`.
+            None => WorkflowFile::default(),
+        };
         let overlap: Overlap =
             serde_json::from_value(serde_json::Value::String(self.overlap.replace('-', "_")))
                 .map_err(|_| {
@@ -205,6 +220,7 @@ impl CreateArgs {
             id: String::new(),
             tenant: String::new(),
             workflow,
+            workflow_ref: self.workflow.clone(),
             cron: self.cron,
             timezone: self.timezone,
             inputs,
@@ -226,8 +242,15 @@ impl CreateArgs {
             .map_err(refused)?;
         println!("{}", s.id);
         eprintln!(
-            "schedule {} of workflow `{}`: `{}` in {}",
-            s.id, s.workflow.name, s.cron, s.timezone
+            "schedule {} of workflow `{}`{}: `{}` in {}",
+            s.id,
+            s.workflow.name,
+            s.workflow_ref
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            s.cron,
+            s.timezone
         );
         Ok(0)
     }
@@ -243,7 +266,7 @@ impl ScheduleCommand {
                     println!(
                         "{}  {}  `{}` {}  {}{}",
                         s.id,
-                        s.workflow.name,
+                        s.workflow_ref.as_deref().unwrap_or(&s.workflow.name),
                         s.cron,
                         s.timezone,
                         if s.paused { "paused" } else { "active" },

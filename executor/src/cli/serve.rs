@@ -112,6 +112,19 @@ impl ServeArgs {
         (options.catalog, options.shared_runs) =
             crate::service::catalog::CatalogHandle::from_config(&config.catalog, executor.clone())
                 .await?;
+        // Workflows over gRPC (`StepWorkflows`); schedules only where something fires them.
+        options.workflows = match artifacts_for(&config.workflows) {
+            Ok(a) => Some(crate::service::workflow::WorkflowOptions {
+                section: config.workflows.clone(),
+                artifacts: std::sync::Arc::new(a),
+                concurrency: workflow_concurrency(&config),
+                schedules: config.catalog.database.is_some(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "workflow calls are off");
+                None
+            }
+        };
         if let Some(m) = &config.metrics {
             let listener = tokio::net::TcpListener::bind(m.addr)
                 .await

@@ -299,13 +299,17 @@ impl WorkflowRunArgs {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let runner = Workflows::new(catalog.clone(), Arc::new(artifacts()?), concurrency);
         let arg = self.file.to_string_lossy().into_owned();
-        let plan = if !self.file.exists()
+        let (plan, source) = if !self.file.exists()
             && let Ok(r) = crate::catalog::StepRef::parse("workflow", &arg)
         {
-            runner.resolve_workflow(&r).await.map_err(invalid)?.2
+            let (row, _, plan) = runner.resolve_workflow(&r).await.map_err(invalid)?;
+            (plan, format!("{}@sha256:{}", row.name, row.digest))
         } else {
             let wf = WorkflowFile::load(&self.file).map_err(anyhow::Error::msg)?;
-            wf.plan().map_err(|e| bad_file(&self.file, e))?
+            (
+                wf.plan().map_err(|e| bad_file(&self.file, e))?,
+                String::new(),
+            )
         };
         let mut inputs = BTreeMap::new();
         for spec in &self.inputs {
@@ -346,7 +350,9 @@ impl WorkflowRunArgs {
         ));
         let record = runner.run(&plan, inputs, previous.as_ref(), Some(tx)).await;
         let _ = view.await;
-        let record = record.map_err(invalid)?;
+        let record = record
+            .map_err(invalid)?
+            .with_origin(crate::workflow::Trigger::Manual, source);
         store
             .save_workflow_run(
                 LOCAL_TENANT,
@@ -377,7 +383,7 @@ impl WorkflowRunArgs {
             println!("{}", serde_json::to_string_pretty(&record)?);
         } else {
             eprintln!(
-                "workflow `{}` {} (run {}; manifest {})",
+                "workflow `{}` {} (run {}, manual; manifest {})",
                 record.workflow, record.status, record.run_id, record.digest
             );
             if record.status != "succeeded" {

@@ -300,7 +300,7 @@ impl StepService {
     /// Runs `work` (which runs cases) admitted like a run under `policy`: the tenant's policy
     /// check, rate and quota, a queue place and a slot; stopped by the client's deadline and by
     /// shutdown.
-    async fn run_admitted<T>(
+    pub(crate) async fn run_admitted<T>(
         &self,
         tenant: &Tenant,
         policy: &str,

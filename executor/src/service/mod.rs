@@ -1,5 +1,6 @@
-//! The gRPC services (`stepbox.v1.StepExecutor`, `stepbox.v1.StepCatalog`): thin doors onto
-//! [`Executor::run_checked`] and the [`crate::catalog`].
+//! The gRPC services (`stepbox.v1.StepExecutor`, `stepbox.v1.StepCatalog`,
+//! `stepbox.v1.StepWorkflows`): thin doors onto [`Executor::run_checked`], the
+//! [`crate::catalog`] and [`crate::workflow`].
 //!
 //! It owns the service and the platform around it, and uses the core ([`crate::job`],
 //! [`crate::sandbox`], [`crate::Executor`]), [`crate::catalog`] and [`crate::authoring`]; nothing
@@ -10,9 +11,10 @@
 //! - [`admission`]: the bounded queue in front of the executor.
 //! - One file per group of RPCs: [`run`] (`RunStep`, `RunStepStream`, inline or by `step_ref`),
 //!   [`catalog`] (`StepCatalog`, and the lazily opened catalog), [`authoring`]
-//!   (`GenerateStep`, `ImportConversation`), [`history`] (`GetRun`, `ListRuns` and the run
-//!   history itself, in memory or in the catalog store), [`info`] (`ListRuntimes`,
-//!   `ListPolicies`).
+//!   (`GenerateStep`, `ImportConversation`), [`workflow`] (`StepWorkflows`: workflows, their
+//!   runs and schedules; conversions in [`workflow_convert`]), [`history`] (`GetRun`,
+//!   `ListRuns` and the run history itself, in memory or in the catalog store), [`info`]
+//!   (`ListRuntimes`, `ListPolicies`).
 //! - [`serve`]: the listener, health, reflection, TLS and graceful shutdown.
 //! - The platform: [`config`] (`stepbox.toml`), [`tenancy`], [`tls`], [`metrics`], [`telemetry`].
 //!
@@ -35,6 +37,8 @@ pub mod serve;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
+pub mod workflow;
+pub mod workflow_convert;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -89,6 +93,9 @@ pub struct ServerOptions {
     /// Keep the run history in the catalog's store within these bounds (so every replica on
     /// one database finds every run), instead of in memory. Needs `catalog`.
     pub shared_runs: Option<Retention>,
+    /// Workflows (`StepWorkflows`): their artifact store and whether schedules may be made;
+    /// None: those calls answer `FAILED_PRECONDITION`.
+    pub workflows: Option<crate::service::workflow::WorkflowOptions>,
 }
 
 impl Default for ServerOptions {
@@ -107,6 +114,7 @@ impl Default for ServerOptions {
             run_history: 1000,
             catalog: None,
             shared_runs: None,
+            workflows: None,
         }
     }
 }
@@ -120,6 +128,7 @@ pub struct StepService {
     admission: Arc<Admission>,
     history: Arc<History>,
     catalog: Option<Arc<CatalogHandle>>,
+    workflows: Option<Arc<crate::service::workflow::WorkflowsHandle>>,
     cancel: watch::Receiver<bool>,
 }
 
@@ -204,6 +213,10 @@ impl StepService {
                 _ => History::Memory(RunHistory::new(options.run_history)),
             }),
             catalog: options.catalog.clone(),
+            workflows: options
+                .workflows
+                .clone()
+                .map(|w| Arc::new(crate::service::workflow::WorkflowsHandle::new(w))),
             cancel,
         })
     }

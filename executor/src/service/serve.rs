@@ -1,6 +1,6 @@
 //! Serving: the listener (plaintext or TLS with reload), health and reflection, authentication,
-//! both services (`StepExecutor`, `StepCatalog`), the shared run history's pruning, and graceful
-//! shutdown.
+//! the services (`StepExecutor`, `StepCatalog`, `StepWorkflows`), the shared run history's
+//! pruning, and graceful shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use crate::pb;
 use crate::service::history::{History, PRUNE_INTERVAL};
 use pb::step_catalog_server::StepCatalogServer;
 use pb::step_executor_server::StepExecutorServer;
+use pb::step_workflows_server::StepWorkflowsServer;
 
 /// Serves `executor` on `listener` until `shutdown` resolves; then stops accepting, waits up to
 /// the grace period for in-flight jobs, and cancels the rest.
@@ -47,6 +48,9 @@ pub async fn serve(
         .set_serving::<StepExecutorServer<StepService>>()
         .await;
     health.set_serving::<StepCatalogServer<StepService>>().await;
+    health
+        .set_serving::<StepWorkflowsServer<StepService>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -95,6 +99,9 @@ pub async fn serve(
         health
             .set_not_serving::<StepCatalogServer<StepService>>()
             .await;
+        health
+            .set_not_serving::<StepWorkflowsServer<StepService>>()
+            .await;
         let _ = stopping_tx.send(());
     };
     tokio::spawn(async move {
@@ -109,6 +116,12 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             StepCatalogServer::new(service.clone())
+                .max_decoding_message_size(options.max_message_bytes)
+                .max_encoding_message_size(usize::MAX),
+            authenticate.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            StepWorkflowsServer::new(service.clone())
                 .max_decoding_message_size(options.max_message_bytes)
                 .max_encoding_message_size(usize::MAX),
             authenticate.clone(),

@@ -22,6 +22,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 
+pub use stepbox_store::Trigger;
+
 use crate::catalog::model::ModelError;
 use crate::catalog::{Catalog, CatalogError};
 use crate::executor::{RunOptions, StepVersionRef};
@@ -144,6 +146,14 @@ pub struct WorkflowRunRecord {
     /// The run it resumed, if any.
     #[serde(default)]
     pub resumed_from: String,
+    /// What started it: `manual` (the CLI), `api` (gRPC) or `schedule`; absent in records
+    /// written before triggers were recorded. Set by the caller ([`WorkflowRunRecord::with_origin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+    /// What ran: `NAME@sha256:HEX` (a published version), `inline:sha256:HEX` (an inline
+    /// definition kept as an artifact, so the run can be resumed by id), empty for a file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
     /// `succeeded` when every step succeeded or was reused, else `failed`.
     pub status: String,
     /// sha256 of each workflow input.
@@ -163,6 +173,13 @@ impl WorkflowRunRecord {
         self.digest = String::new();
         self.digest = sha256_hex(&serde_json::to_vec(&self).unwrap_or_default());
         self
+    }
+
+    /// The record with what started it and what ran, sealed again.
+    pub fn with_origin(mut self, trigger: Trigger, source: impl Into<String>) -> WorkflowRunRecord {
+        self.trigger = Some(trigger);
+        self.source = source.into();
+        self.seal()
     }
 
     /// Whether `digest` matches the other fields.
@@ -444,6 +461,8 @@ impl Workflows {
             run_id: uuid::Uuid::new_v4().to_string(),
             workflow: plan.name.clone(),
             resumed_from: resume.map(|r| r.run_id.clone()).unwrap_or_default(),
+            trigger: None,
+            source: String::new(),
             status: if ok { "succeeded" } else { "failed" }.into(),
             inputs: inputs
                 .iter()

@@ -2,10 +2,16 @@
 //! taken from fixed artifacts or the newest files of an inbox directory, its outputs delivered
 //! to an outbox directory, each firing recorded once with how it ended.
 //!
-//! - **What runs**: a [`Schedule`] holds a frozen copy of the workflow definition
+//! - **What runs**: a [`Schedule`] of a workflow file holds a frozen copy of the definition
 //!   ([`WorkflowFile`] with every program's source embedded, as [`WorkflowFile::load`] reads it),
-//!   so every replica runs the same thing without sharing the file system; catalog steps
-//!   (`uses = "NAME@STAGE"`) resolve at each firing, as with `stepbox workflow run`.
+//!   so every replica runs the same thing without sharing the file system; its catalog steps
+//!   (`uses = "NAME@STAGE"`) resolve at each firing, as with `stepbox workflow run`. A schedule
+//!   of a published workflow (`workflow_ref`) resolves it at each firing through
+//!   [`Workflows::resolve_workflow`]: `NAME@vN` is stored as `NAME@sha256:DIGEST` at creation
+//!   (that version, always); `NAME@STAGE` (and `NAME`, the newest verified) **follows the
+//!   stage**, so promoting the workflow changes what the next firing runs. Either way its steps
+//!   are the step versions that workflow version pinned: promoting a step never changes a
+//!   scheduled run.
 //! - **When**: `cron` has 5 or 6 fields (seconds optional, e.g. `*/10 * * * * *`), evaluated in
 //!   `timezone` by [croner] (Vixie cron / OCPS rules) on [chrono_tz]'s compiled-in IANA
 //!   database. DST: a fixed-time firing (`0 30 2 * * *`) whose local time does not exist on a
@@ -28,6 +34,10 @@
 //!   read or written even if the tree changes later. Inbox entries that are symlinks are
 //!   ignored. Outputs land as `OUTPUT-YYYYMMDDTHHMMSSZ.EXT` (the occurrence in UTC: unique even
 //!   when fall-back repeats local times), written to a temporary name and renamed.
+//! - **Firing records** are pruned by the scheduler once an hour: of each schedule, those past
+//!   the newest `[workflows] firing_history` (default 1000) and those older than
+//!   `firing_retention` (default 90 days); running and queued ones, and the newest firing of
+//!   its cron (where a restarted replica resumes), are kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -47,6 +57,7 @@ use tokio::task::JoinSet;
 
 pub use stepbox_store::Overlap;
 
+use crate::catalog::model::{Selector, StepRef};
 use crate::job::limits::{ByteSize, Millis};
 use crate::workflow::artifacts::Artifacts;
 use crate::workflow::model::WorkflowFile;
@@ -69,6 +80,22 @@ pub struct WorkflowsSection {
     /// Most bytes one run may read from an inbox, and most it may deliver to an outbox.
     #[serde(default = "default_artifact_limit")]
     pub artifact_limit: ByteSize,
+    /// Firing records kept per schedule (the newest; older ones are deleted).
+    #[serde(default = "default_firing_history")]
+    pub firing_history: u32,
+    /// Firing records older than this are deleted.
+    #[serde(default = "default_firing_retention")]
+    pub firing_retention: Millis,
+}
+
+/// 1000: a per-minute schedule's last 16 hours, a daily one's last three years.
+fn default_firing_history() -> u32 {
+    1000
+}
+
+/// 90 days: a quarter's firings stay answerable ("did the report run on the 3rd?").
+fn default_firing_retention() -> Millis {
+    Millis(Duration::from_secs(90 * 86_400))
 }
 
 /// 256 MiB: far above the spreadsheets and exports a step reads, small enough that a stray
@@ -84,6 +111,8 @@ impl Default for WorkflowsSection {
             output_roots: Vec::new(),
             artifacts: None,
             artifact_limit: default_artifact_limit(),
+            firing_history: default_firing_history(),
+            firing_retention: default_firing_retention(),
         }
     }
 }
@@ -293,8 +322,13 @@ pub struct Schedule {
     /// The tenant that owns it (assigned at creation from the caller).
     #[serde(default)]
     pub tenant: String,
-    /// The workflow, frozen with its programs' sources.
+    /// The workflow, frozen with its programs' sources (for a published workflow: the
+    /// version it resolved to at creation, for checks and listings).
     pub workflow: WorkflowFile,
+    /// A published workflow, resolved at each firing: `NAME@sha256:DIGEST` (one version),
+    /// `NAME@STAGE` or `NAME` (follows the stage). None: `workflow` runs as frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_ref: Option<String>,
     /// 5 fields (`m h dom mon dow`) or 6 with seconds first.
     pub cron: String,
     /// IANA zone the cron expression is read in, e.g. `Europe/Berlin`.
@@ -645,6 +679,10 @@ pub struct Fired {
     pub status: FiringStatus,
 }
 
+/// How often a running scheduler prunes firing records: old rows cost a little disk, so an
+/// hour's delay does not matter, and the delete is one statement over an indexed table.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Fires due schedules on a store, runs their workflows, records every firing.
 #[derive(Clone, Debug)]
 pub struct Scheduler {
@@ -658,6 +696,11 @@ struct Inner {
     artifacts: Arc<Artifacts>,
     roots: Roots,
     artifact_limit: u64,
+    /// Firing records kept per schedule, and the age past which they go.
+    firing_history: u32,
+    firing_retention: Duration,
+    /// When firing records were last pruned.
+    last_prune: Mutex<Option<DateTime<Utc>>>,
     clock: Arc<dyn Clock>,
     options: SchedulerOptions,
     /// Per schedule, the newest occurrence this replica handled (unix ms).
@@ -693,6 +736,9 @@ impl Scheduler {
                 artifacts,
                 roots: config.roots()?,
                 artifact_limit: config.artifact_limit.0,
+                firing_history: config.firing_history,
+                firing_retention: config.firing_retention.0,
+                last_prune: Mutex::new(None),
                 clock,
                 options,
                 cursors: Mutex::new(HashMap::new()),
@@ -709,6 +755,11 @@ impl Scheduler {
         tenant: &str,
         mut schedule: Schedule,
     ) -> Result<Schedule, ScheduleError> {
+        if let Some(raw) = &schedule.workflow_ref {
+            let (r, def) = self.resolve_ref(raw).await?;
+            schedule.workflow_ref = Some(r);
+            schedule.workflow = def;
+        }
         schedule.check(&self.inner.roots)?;
         if let ScheduleInputs::Fixed(m) = &schedule.inputs {
             for (name, d) in m {
@@ -739,6 +790,31 @@ impl Scheduler {
         };
         self.inner.store.create_schedule(&row).await?;
         Ok(schedule)
+    }
+
+    /// Resolves a published workflow's reference now: the reference to store (`NAME@vN`
+    /// becomes `NAME@sha256:DIGEST`) and the version's definition. Errors name `workflow_ref`.
+    async fn resolve_ref(&self, raw: &str) -> Result<(String, WorkflowFile), ScheduleError> {
+        let r = StepRef::parse("workflow_ref", raw).map_err(|e| ScheduleError::Invalid {
+            field: e.field,
+            reason: e.reason,
+        })?;
+        let (row, def, _) = self
+            .inner
+            .workflows
+            .resolve_workflow(&r)
+            .await
+            .map_err(|e| ScheduleError::Invalid {
+                field: "workflow_ref".into(),
+                reason: e.to_string(),
+            })?;
+        let stored = match r.selector {
+            Selector::Number(_) | Selector::Digest(_) => {
+                format!("{}@sha256:{}", row.name, row.digest)
+            }
+            Selector::Stage(_) | Selector::Latest => raw.to_string(),
+        };
+        Ok((stored, def.workflow))
     }
 
     /// `tenant`'s schedules.
@@ -819,7 +895,7 @@ impl Scheduler {
                 reason: "fired at this very millisecond already; try again".into(),
             })?;
         if status == FiringStatus::Running {
-            self.spawn_run(s, ms(now));
+            self.spawn_run(s, ms(now), trigger);
         }
         Ok(status)
     }
@@ -843,6 +919,7 @@ impl Scheduler {
     /// what this replica recorded.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<Vec<Fired>, ScheduleError> {
         let inner = &self.inner;
+        self.prune_if_due(now).await;
         let rows = inner.store.list_schedules(None).await?;
         let mut fired = Vec::new();
         let mut next_due: Option<DateTime<Utc>> = None;
@@ -969,7 +1046,7 @@ impl Scheduler {
                     status,
                 });
                 if status == FiringStatus::Running {
-                    self.spawn_run(s.clone(), ms(t));
+                    self.spawn_run(s.clone(), ms(t), Trigger::Schedule);
                 }
             }
             self.advance(&s.id, ms(t));
@@ -986,10 +1063,50 @@ impl Scheduler {
                     fire_at: from_ms(fire_at),
                     status: FiringStatus::Running,
                 });
-                self.spawn_run(s.clone(), fire_at);
+                self.spawn_run(s.clone(), fire_at, Trigger::Schedule);
             }
         }
         Ok(())
+    }
+
+    /// Deletes old firing records now (see the module's doc): those past the newest
+    /// `firing_history` per schedule and those last changed before `now - firing_retention`.
+    /// Returns how many went.
+    pub async fn prune_firings(&self, now: DateTime<Utc>) -> Result<u64, ScheduleError> {
+        let inner = &self.inner;
+        let cutoff = now - chrono::Duration::from_std(inner.firing_retention).unwrap_or_default();
+        Ok(inner
+            .store
+            .prune_firings(inner.firing_history, ms(cutoff))
+            .await?)
+    }
+
+    /// Prunes at the first tick and then once per [`PRUNE_EVERY`] of the scheduler's clock;
+    /// a failure is logged and retried at the next tick.
+    async fn prune_if_due(&self, now: DateTime<Utc>) {
+        {
+            let mut last = self
+                .inner
+                .last_prune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|l| (now - l).to_std().unwrap_or_default() < PRUNE_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        match self.prune_firings(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned old schedule firings"),
+            Err(e) => {
+                *self
+                    .inner
+                    .last_prune
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::warn!(error = %e, "pruning schedule firings failed");
+            }
+        }
     }
 
     fn advance(&self, id: &str, to: i64) {
@@ -998,15 +1115,15 @@ impl Scheduler {
         *e = (*e).max(to);
     }
 
-    fn spawn_run(&self, s: Schedule, fire_at: i64) {
+    fn spawn_run(&self, s: Schedule, fire_at: i64, trigger: Trigger) {
         let me = self.clone();
         let mut runs = self.inner.runs.lock().unwrap_or_else(|e| e.into_inner());
         while runs.try_join_next().is_some() {}
-        runs.spawn(async move { me.run_firing(s, fire_at).await });
+        runs.spawn(async move { me.run_firing(s, fire_at, trigger).await });
     }
 
     /// Runs one claimed firing to its end and records it.
-    async fn run_firing(&self, s: Schedule, fire_at: i64) {
+    async fn run_firing(&self, s: Schedule, fire_at: i64, trigger: Trigger) {
         let inner = &self.inner;
         let beat = {
             let store = inner.store.clone();
@@ -1024,7 +1141,7 @@ impl Scheduler {
                 }
             })
         };
-        let (status, run_id, message) = match self.execute(&s, fire_at).await {
+        let (status, run_id, message) = match self.execute(&s, fire_at, trigger).await {
             Ok((record, note)) => {
                 let ok = record.status == "succeeded";
                 let failed_step = record
@@ -1064,9 +1181,24 @@ impl Scheduler {
         &self,
         s: &Schedule,
         fire_at: i64,
+        trigger: Trigger,
     ) -> Result<(WorkflowRunRecord, Result<Vec<PathBuf>, String>), String> {
         let inner = &self.inner;
-        let plan = s.workflow.plan().map_err(|e| format!("workflow: {e}"))?;
+        let (plan, source) = match &s.workflow_ref {
+            Some(raw) => {
+                let r = StepRef::parse("workflow_ref", raw).map_err(|e| e.to_string())?;
+                let (row, _, plan) = inner
+                    .workflows
+                    .resolve_workflow(&r)
+                    .await
+                    .map_err(|e| format!("workflow `{raw}`: {e}"))?;
+                (plan, format!("{}@sha256:{}", row.name, row.digest))
+            }
+            None => (
+                s.workflow.plan().map_err(|e| format!("workflow: {e}"))?,
+                String::new(),
+            ),
+        };
         let mut inputs = BTreeMap::new();
         match &s.inputs {
             ScheduleInputs::Fixed(m) => {
@@ -1096,7 +1228,8 @@ impl Scheduler {
             .workflows
             .run(&plan, inputs, None, None)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_origin(trigger, source);
         let value = serde_json::to_value(&record).map_err(|e| e.to_string())?;
         inner
             .store

@@ -22,3 +22,4 @@ mod step_cli;
 mod telemetry;
 mod wasm;
 mod workflow;
+mod workflow_grpc;

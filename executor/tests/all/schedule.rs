@@ -111,6 +111,7 @@ impl World {
             id: String::new(),
             tenant: String::new(),
             workflow: workflow(sleep_secs),
+            workflow_ref: None,
             cron: cron.into(),
             timezone: "Europe/Berlin".into(),
             inputs: ScheduleInputs::Inbox {

@@ -546,7 +546,10 @@ async fn directories_outside_the_roots_are_refused_at_creation_and_at_firing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_downtime_is_recorded_without_a_row_per_occurrence() {
-    let w = World::new();
+    let mut w = World::new();
+    // Above the rows this writes, so the second replica's first tick prunes none (pruning has
+    // its own test).
+    w.config.firing_history = 5_000;
     let clock = Arc::new(ManualClock::new(at("2026-06-01T00:00:30Z")));
     let mut scheduler = w.replica(&w.sqlite_url(), clock.clone(), "first").await;
     let mut s = w.inbox_schedule("0 * * * * *", "0");
@@ -585,6 +588,46 @@ async fn a_long_downtime_is_recorded_without_a_row_per_occurrence() {
         "{}",
         rows[1].message
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_firing_records_are_pruned_by_history_and_age() {
+    let mut w = World::new();
+    w.config.firing_history = 2;
+    w.config.firing_retention = Millis(Duration::from_secs(86_400));
+    w.drop_inbox_file("sales-1.csv", "x\n", 1_000);
+    let t0 = at("2026-03-02T09:00:00Z");
+    let clock = Arc::new(ManualClock::new(t0));
+    let scheduler = w.replica(&w.sqlite_url(), clock.clone(), "only").await;
+    let s = scheduler
+        .create("acme", w.inbox_schedule("* * * * * *", "0"))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        clock.advance(Duration::from_secs(1));
+        scheduler.tick(clock.now()).await.unwrap();
+        scheduler.wait_idle().await;
+    }
+    let fired = statuses(&scheduler, &s.id).await;
+    let want: Vec<(String, String)> = ["09:00:01", "09:00:02", "09:00:03", "09:00:04"]
+        .iter()
+        .map(|t| (t.to_string(), "succeeded".to_string()))
+        .collect();
+    assert_eq!(fired, want);
+    // Paused so the next tick fires nothing; an hour later the tick prunes to the newest two.
+    scheduler.set_paused("acme", &s.id, true).await.unwrap();
+    clock.advance(stepbox::workflow::schedule::PRUNE_EVERY + Duration::from_secs(1));
+    scheduler.tick(clock.now()).await.unwrap();
+    assert_eq!(
+        statuses(&scheduler, &s.id).await,
+        fired[2..].to_vec(),
+        "kept the newest two"
+    );
+    // Past the retention everything ended goes, except the newest scheduled firing (where a
+    // restarted replica resumes).
+    clock.advance(Duration::from_secs(2 * 86_400));
+    assert_eq!(scheduler.prune_firings(clock.now()).await.unwrap(), 1);
+    assert_eq!(statuses(&scheduler, &s.id).await, fired[3..].to_vec());
 }
 
 /// The command line end to end: `stepbox schedule create` on the catalog database a config
@@ -656,6 +699,23 @@ report = "steps.report.outputs.report.md"
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(
         err.contains("--outbox") && err.contains("output_roots"),
+        "{err}"
+    );
+
+    // A published workflow that does not exist is refused naming the flag.
+    let (code, out, err) = stepbox(&[
+        "schedule",
+        "create",
+        "--workflow",
+        "nope@v1",
+        "--cron",
+        "* * * * * *",
+        "--input",
+        "sales=sales.csv",
+    ]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("--workflow") && err.contains("no workflow version `nope@v1`"),
         "{err}"
     );
 

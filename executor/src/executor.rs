@@ -157,23 +157,39 @@ impl Executor {
         let fuel = limits.fuel.is_some();
         let prepared = match job.job.runtime {
             RuntimeKind::Python => self.runtimes.python(fuel).await?,
+            RuntimeKind::PythonData => self.runtimes.python_data(fuel).await?,
             RuntimeKind::Wasm => self.runtimes.wasm(&job.job.program, fuel).await?,
         };
         let dir = JobDir::create(&self.work_root, &job)?;
         let argv0 = match job.job.runtime {
-            RuntimeKind::Python => job.filename.clone(),
+            RuntimeKind::Python | RuntimeKind::PythonData => job.filename.clone(),
             RuntimeKind::Wasm => "step.wasm".to_string(),
         };
+        let mounts = match (job.job.runtime, self.runtimes.python_data_dir()) {
+            (RuntimeKind::PythonData, Some(d)) => Some(dir.python_data_mounts(d.runtime_dirs())?),
+            _ => None,
+        };
         let step_version = options.step_version;
-        let mut run = Run::new(&self.engines, &job, &dir, &argv0, options.listener)?;
+        let mut run = Run::new(
+            &self.engines,
+            &job,
+            &dir,
+            mounts.as_deref(),
+            &argv0,
+            options.listener,
+        )?;
         let source = match job.job.runtime {
-            RuntimeKind::Python => std::str::from_utf8(&job.job.program).unwrap_or_default(),
+            RuntimeKind::Python | RuntimeKind::PythonData => {
+                std::str::from_utf8(&job.job.program).unwrap_or_default()
+            }
             RuntimeKind::Wasm => "",
         };
         let call = PythonCall {
             source,
             filename: &job.filename,
             cwd: dir.cwd,
+            args: &job.job.args,
+            env: &job.env,
         };
         let mut instantiate = Duration::ZERO;
         run.start_clock(limits.wall_time);

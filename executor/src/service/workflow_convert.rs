@@ -115,8 +115,8 @@ pub(crate) fn inline_from(
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     for (i, f) in inline.files.into_iter().enumerate() {
         let at = format!("{field}.files[{i}].path");
-        check_relative_path(&at, &f.path).map_err(|e| bad(&at, e))?;
         let key = normal(&f.path);
+        check_relative_path(&at, &key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if files.insert(key, f.content).is_some() {
             return Err(bad(&at, format!("`{}` is sent twice", f.path)));
         }
@@ -430,4 +430,97 @@ pub(crate) fn firing_to(f: &FiringRow) -> pb::ScheduleFiring {
 /// A model error as `INVALID_ARGUMENT` naming its field.
 pub(crate) fn model_status(e: ModelError) -> Status {
     bad(&e.field, e.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(path: &str, content: &str) -> pb::File {
+        pb::File {
+            path: path.into(),
+            content: content.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    const TOML: &str = "name = \"w\"\n[[steps]]\nid = \"a\"\nprogram = \"a.py\"\n";
+
+    fn inline(files: Vec<pb::File>) -> Option<pb::InlineWorkflow> {
+        Some(pb::InlineWorkflow {
+            toml: TOML.into(),
+            files,
+        })
+    }
+
+    #[test]
+    fn inline_files_are_looked_up_by_checked_relative_paths() {
+        let (wf, _) = inline_from("inline", inline(vec![f("./a.py", "print(1)")])).unwrap();
+        assert_eq!(
+            wf.steps[0].source.as_ref().unwrap(),
+            &Blob::Text("print(1)".into())
+        );
+        for (path, why) in [
+            ("../a.py", "invalid `inline.files[0].path`"),
+            ("/etc/passwd", "invalid `inline.files[0].path`"),
+        ] {
+            let e = inline_from("inline", inline(vec![f(path, "x")])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with(why), "{path}: {}", e.message());
+        }
+        let e = inline_from("inline", inline(vec![f("a.py", "1"), f("./a.py", "2")])).unwrap_err();
+        assert!(e.message().contains("is sent twice"), "{}", e.message());
+        let e = inline_from("inline", inline(vec![])).unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("invalid `steps.a.program`: names the file `a.py`"),
+            "{}",
+            e.message()
+        );
+        let e = inline_from("inline", None).unwrap_err();
+        assert!(
+            e.message().starts_with("invalid `inline`"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn outputs_are_carried_inline_within_the_bound_only() {
+        let step = StepRecord {
+            id: "s".into(),
+            state: StepState::Succeeded,
+            status: "SUCCEEDED".into(),
+            message: String::new(),
+            version: "program".into(),
+            version_digest: String::new(),
+            policy: "default".into(),
+            inputs: BTreeMap::new(),
+            stdin: String::new(),
+            outputs: BTreeMap::from([("a.txt".into(), "da".into()), ("b.txt".into(), "db".into())]),
+            checks: Vec::new(),
+            manifest_digest: String::new(),
+            run_id: String::new(),
+        };
+        let record: WorkflowRunRecord = serde_json::from_value(serde_json::json!({
+            "run_id": "r", "workflow": "w", "status": "succeeded", "inputs": {},
+            "steps": [step], "wiring": {}, "digest": "",
+            "outputs": {"a": ["a.txt", "da"], "b": ["b.txt", "db"]},
+        }))
+        .unwrap();
+        let bytes = |name: &str| {
+            Some(bytes::Bytes::from(if name == "a" {
+                vec![b'a'; 6]
+            } else {
+                vec![b'b'; 5]
+            }))
+        };
+        let run = run_to(&record, 10, bytes);
+        let (a, b) = (&run.outputs[0], &run.outputs[1]);
+        assert_eq!((a.size, a.content.len(), a.content_omitted), (6, 6, false));
+        assert_eq!((b.size, b.content.len(), b.content_omitted), (5, 0, true));
+        assert_eq!((a.step.as_str(), b.sha256.as_str()), ("s", "db"));
+        let run = run_to(&record, 11, bytes);
+        assert!(run.outputs.iter().all(|o| !o.content_omitted));
+    }
 }

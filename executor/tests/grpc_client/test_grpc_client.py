@@ -120,6 +120,7 @@ class StepboxServer(unittest.TestCase):
         listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
         names = {s.name for s in listed.list_services_response.service}
         self.assertIn("stepbox.v1.StepExecutor", names)
+        self.assertIn("stepbox.v1.StepWorkflows", names)
         self.assertIn("grpc.health.v1.Health", names)
         files = {
             f.name: f

@@ -15,6 +15,8 @@
 //! - [`service`]: the gRPC service and the platform around it: proto conversions, admission,
 //!   the RPCs, tenancy, TLS, metrics, traces, run history, configuration. Uses the core and
 //!   [`authoring`].
+//! - [`web`]: the web page for people and its JSON endpoint: a third door onto the same
+//!   [`service`] as gRPC. Uses [`service`].
 //! - [`cli`]: the `stepbox` command line, one file per subcommand. Uses everything above.
 //! - [`pb`]: the generated gRPC contract (`proto/`), shared by the service and CLI clients.
 //!
@@ -43,6 +45,7 @@ pub mod job;
 pub mod pb;
 pub mod sandbox;
 pub mod service;
+pub mod web;
 pub mod workflow;
 
 pub use crate::executor::{

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// How long in-flight jobs may finish after SIGTERM/SIGINT before they are cancelled (default 10s).
     #[arg(long)]
     pub grace_period: Option<Millis>,
+    /// Also serve the web page (and its JSON endpoint) on this address, e.g. 127.0.0.1:8080
+    /// (port 0 picks a free one); the same as `[web] addr`.
+    #[arg(long, value_name = "ADDR")]
+    pub web: Option<std::net::SocketAddr>,
     /// The configuration once loaded (for the log settings, before the command runs), so it is
     /// read once.
     #[arg(skip)]
@@ -63,6 +67,9 @@ impl ServeArgs {
         }
         if let Some(g) = self.grace_period {
             c.server.grace_period = g;
+        }
+        if let Some(a) = self.web {
+            c.web.get_or_insert_default().addr = a;
         }
         c.check()?;
         Ok(Config::clone(self.loaded.get_or_init(|| Box::new(c))))
@@ -139,9 +146,37 @@ impl ServeArgs {
             .await
             .with_context(|| format!("failed to listen on {addr}"))?;
         let local = listener.local_addr()?;
+        let web = match &config.web {
+            Some(section) => {
+                let web = tokio::net::TcpListener::bind(section.addr)
+                    .await
+                    .with_context(|| {
+                        format!("failed to listen for the web page on {}", section.addr)
+                    })?;
+                let web_addr = web.local_addr()?;
+                let parent = global
+                    .work_root
+                    .clone()
+                    .unwrap_or_else(crate::default_work_root);
+                options.web = Some(crate::web::WebServer::new(
+                    web,
+                    crate::web::WebOptions::from_section(
+                        section,
+                        config.server.max_message_size.0,
+                        options.tenants.clone(),
+                        parent,
+                    ),
+                ));
+                Some(web_addr)
+            }
+            None => None,
+        };
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "listening on {local}")?;
+            if let Some(w) = web {
+                writeln!(out, "web page on http://{w}")?;
+            }
             out.flush()?;
         }
         tracing::info!(addr = %local, concurrency = options.concurrency, queue = options.queue, tls = options.tls.is_some(), "serving");

@@ -45,6 +45,9 @@ pub struct Config {
     pub catalog: CatalogSection,
     /// Workflow schedules: the inbox/outbox roots and the artifact store.
     pub workflows: crate::workflow::schedule::WorkflowsSection,
+    /// The web page for people (off when absent; `STEPBOX_WEB_ADDR` or `stepbox serve --web`
+    /// turn it on).
+    pub web: Option<WebSection>,
     /// Who may call, and within which quotas. None: no authentication (loopback only, unless
     /// `server.allow_unauthenticated`).
     pub tenants: Vec<TenantConfig>,
@@ -209,6 +212,42 @@ impl CatalogSection {
     }
 }
 
+/// `[web]`: the web page and its JSON endpoint, on an address of their own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSection {
+    /// Listen address (default `127.0.0.1:8080`). Session cookies are `Secure`: browsers keep
+    /// them over plain HTTP only on loopback, so anything else needs TLS in front.
+    pub addr: SocketAddr,
+    /// Largest upload of one run, all files together, enforced while it arrives (default: the
+    /// same as `server.max_message_size`, which bounds a gRPC run's inputs).
+    pub max_upload_size: Option<ByteSize>,
+    /// Most files one run may upload (default 32).
+    pub max_upload_files: usize,
+    /// Finished runs whose outputs are kept for download, per tenant (default 20).
+    pub keep_runs: usize,
+    /// Output bytes kept for download, per tenant (default 256MiB; the oldest go first).
+    pub keep_bytes: ByteSize,
+    /// How long outputs are kept for download (default 1h).
+    pub keep_for: Millis,
+    /// How long a sign-in lasts without use (default 8h).
+    pub session_idle: Millis,
+}
+
+impl Default for WebSection {
+    fn default() -> Self {
+        WebSection {
+            addr: ([127, 0, 0, 1], 8080).into(),
+            max_upload_size: None,
+            max_upload_files: 32,
+            keep_runs: 20,
+            keep_bytes: ByteSize(256 << 20),
+            keep_for: Millis(std::time::Duration::from_secs(3600)),
+            session_idle: Millis(std::time::Duration::from_secs(8 * 3600)),
+        }
+    }
+}
+
 /// What a tenant may do with the step catalog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -278,6 +317,7 @@ const SECTIONS: &[&str] = &[
     "telemetry",
     "catalog",
     "workflows",
+    "web",
 ];
 const TOP_LEVEL: &[&str] = &[
     "work_root",
@@ -422,6 +462,29 @@ impl Config {
             }
         }
         self.workflows.roots().map_err(anyhow::Error::msg)?;
+        if let Some(w) = &self.web {
+            // The outputs zip is written without ZIP64 records: every size must fit 32 bits.
+            if w.keep_bytes.0 >= 4 << 30 {
+                bail!(
+                    "web.keep_bytes must be less than 4GiB, got {}",
+                    w.keep_bytes
+                );
+            }
+            if w.max_upload_files == 0 {
+                bail!("web.max_upload_files must be at least 1");
+            }
+            if self.tenants.is_empty()
+                && !w.addr.ip().is_loopback()
+                && !self.server.allow_unauthenticated
+            {
+                bail!(
+                    "refusing to serve the web page on {} without authentication: configure \
+                     [[tenants]] with tokens, or set server.allow_unauthenticated = true if the \
+                     network is trusted",
+                    w.addr
+                );
+            }
+        }
         if self.tenants.is_empty()
             && !self.server.addr.ip().is_loopback()
             && !self.server.allow_unauthenticated
@@ -607,6 +670,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.workflows.input_roots, vec![d.path().to_path_buf()]);
+    }
+
+    #[test]
+    fn the_web_page_is_off_until_configured_and_checked() {
+        assert_eq!(Config::parse("", "t", vars(&[])).unwrap().web, None);
+        let c = Config::parse("", "t", vars(&[("STEPBOX_WEB_ADDR", "127.0.0.1:8081")])).unwrap();
+        let web = c.web.unwrap();
+        assert_eq!(web.addr, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!((web.max_upload_size, web.keep_runs), (None, 20));
+        let c = Config::parse("[web]\nmax_upload_size = \"1MiB\"\n", "t", vars(&[])).unwrap();
+        assert_eq!(c.web.unwrap().max_upload_size, Some(ByteSize(1 << 20)));
+        for (text, wanted) in [
+            (
+                "[web]\naddr = \"0.0.0.0:8080\"\n",
+                "refusing to serve the web page on 0.0.0.0:8080",
+            ),
+            (
+                "[web]\nkeep_bytes = \"4GiB\"\n",
+                "web.keep_bytes must be less than 4GiB",
+            ),
+            (
+                "[web]\nmax_upload_files = 0\n",
+                "web.max_upload_files must be at least 1",
+            ),
+            ("[web]\nport = 1\n", "unknown field `port`"),
+        ] {
+            let e = Config::parse(text, "t", vars(&[])).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{e}");
+        }
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct ServerOptions {
     /// Workflows (`StepWorkflows`): their artifact store and whether schedules may be made;
     /// None: those calls answer `FAILED_PRECONDITION`.
     pub workflows: Option<crate::service::workflow::WorkflowOptions>,
+    /// The web page, served on its own listener by the same service (None: off).
+    pub web: Option<crate::web::WebServer>,
 }
 
 impl Default for ServerOptions {
@@ -115,6 +117,7 @@ impl Default for ServerOptions {
             catalog: None,
             shared_runs: None,
             workflows: None,
+            web: None,
         }
     }
 }

@@ -23,11 +23,15 @@ use pb::step_workflows_server::StepWorkflowsServer;
 pub async fn serve(
     executor: Arc<Executor>,
     listener: tokio::net::TcpListener,
-    options: ServerOptions,
+    mut options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let service = StepService::new(executor, &options, cancel_rx)?;
+    let _web = AbortOnDrop(match options.web.take() {
+        Some(web) => Some(web.start(service.clone())?),
+        None => None,
+    });
     let pruner = if let History::Shared(_) = service.history.as_ref() {
         let history = service.history.clone();
         Some(tokio::spawn(async move {

@@ -23,4 +23,5 @@ mod step_cli;
 mod telemetry;
 mod wasm;
 mod workflow;
+mod web;
 mod workflow_grpc;

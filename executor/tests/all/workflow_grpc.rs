@@ -181,9 +181,12 @@ const BILLING: &str = "billing-token";
 
 impl Server {
     async fn start(with_catalog: bool, schedules: bool) -> Server {
+        Server::start_with(with_catalog, schedules, ServerOptions::default()).await
+    }
+
+    async fn start_with(with_catalog: bool, schedules: bool, mut options: ServerOptions) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let exec = Arc::new(new_executor(&dir.path().join("work")));
-        let mut options = ServerOptions::default();
         let tenant = |name: &str, catalog: Vec<CatalogPermission>, steps: Vec<&str>| TenantConfig {
             name: name.into(),
             tokens: vec![hash_token(&format!("{name}-token"))],
@@ -907,6 +910,63 @@ async fn a_client_deadline_stops_the_run() {
     let e = s.run(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
     assert!(started.elapsed() < Duration::from_secs(30));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_the_run_and_frees_its_place() {
+    // Room for one job: while a run holds it, the next is RESOURCE_EXHAUSTED at once.
+    let options = ServerOptions {
+        concurrency: 1,
+        queue: 0,
+        ..ServerOptions::default()
+    };
+    let mut s = Server::start_with(true, false, options).await;
+    publish_step(&mut s.catalog, Some(OPS)).await;
+    let slow = WORKFLOW.replace("program = \"side.py\"", "program = \"slow.py\"");
+    let request = || {
+        let mut w = inline(&slow);
+        w.files
+            .push(file("slow.py", "import time\ntime.sleep(120)\n"));
+        authed(
+            pb::RunWorkflowRequest {
+                workflow: Some(pb::run_workflow_request::Workflow::Inline(w)),
+                inputs: inputs("Monthly\n"),
+                max_output_bytes: 0,
+            },
+            OPS,
+        )
+    };
+    let mut first = s
+        .workflows
+        .run_workflow(request())
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until the slow step runs.
+    loop {
+        match first.message().await.unwrap().unwrap().event.unwrap() {
+            pb::workflow_run_event::Event::Started(id) if id == "side" => break,
+            _ => {}
+        }
+    }
+    let (c, m) = code_and_message(s.run(request()).await);
+    assert_eq!(c, Code::ResourceExhausted, "{m}");
+    // The client goes away: the run stops and its place is free again within seconds, long
+    // before the step's two minutes.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut second = loop {
+        match s.workflows.run_workflow(request()).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the first run still holds its place: {e:?}"),
+        }
+    };
+    assert!(second.message().await.unwrap().is_some());
+    drop(second);
     s.stop().await;
 }
 

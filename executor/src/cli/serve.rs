@@ -285,8 +285,13 @@ async fn run_scheduler(
             return;
         }
     };
+    let pruner = tokio::spawn(prune_artifacts(
+        artifacts.clone(),
+        section.artifact_retention.0,
+    ));
     let workflows =
-        crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency);
+        crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency)
+            .with_run_limit(section.artifact_limit.0);
     let options = SchedulerOptions {
         replica: replica_name(),
         ..SchedulerOptions::default()
@@ -312,6 +317,35 @@ async fn run_scheduler(
         .is_err()
     {
         tracing::warn!(grace = ?grace, "scheduled runs still going at the end of the grace period");
+    }
+    pruner.abort();
+}
+
+/// How often `serve` deletes artifacts past `[workflows] artifact_retention`.
+const ARTIFACT_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes artifacts unused for `retention`, at start and then every hour.
+async fn prune_artifacts(
+    artifacts: std::sync::Arc<crate::workflow::artifacts::Artifacts>,
+    retention: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(ARTIFACT_PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = artifacts.clone();
+        match tokio::task::spawn_blocking(move || a.prune(retention)).await {
+            Ok(Ok(p)) if p.files > 0 => {
+                tracing::info!(
+                    files = p.files,
+                    bytes = p.bytes,
+                    "pruned workflow artifacts"
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning workflow artifacts failed"),
+            Err(e) => tracing::warn!(error = %e, "pruning workflow artifacts panicked"),
+        }
     }
 }
 

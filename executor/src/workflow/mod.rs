@@ -17,6 +17,7 @@ pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -206,7 +207,13 @@ pub struct Workflows {
     artifacts: Arc<Artifacts>,
     /// Steps that run at once.
     pub concurrency: usize,
+    /// Most bytes one run may hold: its inputs plus every file its steps write
+    /// (`[workflows] artifact_limit`).
+    pub run_limit: u64,
 }
+
+/// The default [`Workflows::run_limit`]: `[workflows] artifact_limit`'s default.
+pub const DEFAULT_RUN_LIMIT: u64 = 256 << 20;
 
 /// A workflow input or step output as it moves between steps.
 type Files = HashMap<Wire, bytes::Bytes>;
@@ -218,7 +225,15 @@ impl Workflows {
             catalog,
             artifacts,
             concurrency: concurrency.max(1),
+            run_limit: DEFAULT_RUN_LIMIT,
         }
+    }
+
+    /// The same runner with at most `bytes` held per run (inputs plus step outputs); a step
+    /// whose outputs would pass it fails with `OUTPUT_EXCEEDED` and its successors are skipped.
+    pub fn with_run_limit(mut self, bytes: u64) -> Workflows {
+        self.run_limit = bytes;
+        self
     }
 
     /// Checks what the plan's shape cannot: every catalog reference resolves, and every wire
@@ -316,6 +331,18 @@ impl Workflows {
                 )));
             }
         }
+        let input_bytes: u64 = inputs.values().map(|b| b.len() as u64).sum();
+        if input_bytes > self.run_limit {
+            return Err(invalid(ModelError::new(
+                "inputs",
+                format!(
+                    "are {input_bytes} bytes together, more than this server's per-run limit of \
+                     {} bytes (`[workflows] artifact_limit`); send smaller files or raise the limit",
+                    self.run_limit
+                ),
+            )));
+        }
+        let held = AtomicU64::new(input_bytes);
         self.check(plan).await?;
         let send = |e: WorkflowEvent| {
             if let Some(tx) = &events {
@@ -374,6 +401,8 @@ impl Workflows {
                         {
                             let mut rec = (*prev).clone();
                             rec.state = StepState::Reused;
+                            let n: u64 = outs.iter().map(|(_, b)| b.len() as u64).sum();
+                            held.fetch_add(n, Ordering::SeqCst);
                             for (file, bytes) in outs {
                                 files.insert(
                                     Wire::Output {
@@ -389,7 +418,7 @@ impl Workflows {
                         }
                         send(WorkflowEvent::Queued(s.id.clone()));
                         send(WorkflowEvent::Started(s.id.clone()));
-                        running.push(self.execute(p));
+                        running.push(self.execute(p, &held));
                     }
                 }
             }
@@ -606,6 +635,7 @@ impl Workflows {
     async fn execute(
         &self,
         p: Prepared,
+        held: &AtomicU64,
     ) -> Result<(StepRecord, Vec<(String, bytes::Bytes)>), WorkflowError> {
         let mut rec = p.record;
         let options = RunOptions {
@@ -639,8 +669,26 @@ impl Workflows {
             StepState::Failed
         };
         let mut outs = Vec::new();
+        let files = || result.outputs.iter().filter(|o| o.kind == OutputKind::File);
+        let bytes: u64 = files().map(|o| o.content.len() as u64).sum();
+        if rec.state == StepState::Succeeded
+            && held
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                    h.checked_add(bytes).filter(|t| *t <= self.run_limit)
+                })
+                .is_err()
+        {
+            rec.state = StepState::Failed;
+            rec.status = Status::OutputExceeded.name().to_string();
+            rec.message = format!(
+                "its output files ({bytes} bytes) would take this workflow run past its limit of \
+                 {} bytes held per run (inputs plus every step's files, `[workflows] \
+                 artifact_limit`); they were not kept",
+                self.run_limit
+            );
+        }
         if rec.state == StepState::Succeeded {
-            for o in result.outputs.iter().filter(|o| o.kind == OutputKind::File) {
+            for o in files() {
                 let digest = self
                     .artifacts
                     .put(&o.content)

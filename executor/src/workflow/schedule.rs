@@ -77,7 +77,8 @@ pub struct WorkflowsSection {
     /// Where files between steps are kept (default `$XDG_DATA_HOME/stepbox/artifacts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<PathBuf>,
-    /// Most bytes one run may read from an inbox, and most it may deliver to an outbox.
+    /// Most bytes one workflow run may hold: its inputs plus every file its steps write (so
+    /// also most it reads from an inbox and delivers to an outbox).
     #[serde(default = "default_artifact_limit")]
     pub artifact_limit: ByteSize,
     /// Firing records kept per schedule (the newest; older ones are deleted).
@@ -86,6 +87,15 @@ pub struct WorkflowsSection {
     /// Firing records older than this are deleted.
     #[serde(default = "default_firing_retention")]
     pub firing_retention: Millis,
+    /// Artifacts not stored or read for this long are deleted (default 7 days); a resume of
+    /// an older run re-runs the steps whose files are gone.
+    #[serde(default = "default_artifact_retention")]
+    pub artifact_retention: Millis,
+}
+
+/// 7 days: a failed weekend run can still be resumed on Monday.
+fn default_artifact_retention() -> Millis {
+    Millis(Duration::from_secs(7 * 86_400))
 }
 
 /// 1000: a per-minute schedule's last 16 hours, a daily one's last three years.
@@ -113,6 +123,7 @@ impl Default for WorkflowsSection {
             artifact_limit: default_artifact_limit(),
             firing_history: default_firing_history(),
             firing_retention: default_firing_retention(),
+            artifact_retention: default_artifact_retention(),
         }
     }
 }

@@ -80,6 +80,15 @@ pub enum WorkflowCommand {
         #[command(flatten)]
         catalog: CatalogArgs,
     },
+    /// Print a stored run record as JSON: every step, the outputs, what started it (`trigger`:
+    /// `manual`, `api`, `schedule`) and what ran (`source`).
+    Record {
+        /// The run's id (printed by `workflow run`, listed by `schedule firings`).
+        run_id: String,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
     /// List a published workflow's versions and stages, or every workflow.
     Show {
         /// The workflow's name (omit: list all).
@@ -205,6 +214,21 @@ impl WorkflowCommand {
                     eprintln!("stepbox: promotion refused: {}", p.reason);
                     Ok(1)
                 }
+            }
+            WorkflowCommand::Record { run_id, catalog } => {
+                let catalog = catalog.open(global).await?;
+                let record = catalog
+                    .store()
+                    .get_workflow_run(LOCAL_TENANT, &run_id)
+                    .await?
+                    .ok_or_else(|| {
+                        anyhow::Error::new(JobError::invalid(
+                            "run_id",
+                            format!("no workflow run `{run_id}`"),
+                        ))
+                    })?;
+                println!("{}", serde_json::to_string_pretty(&record)?);
+                Ok(0)
             }
             WorkflowCommand::Show { name, catalog } => {
                 let catalog = catalog.open(global).await?;

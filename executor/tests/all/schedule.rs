@@ -792,6 +792,23 @@ report = "steps.report.outputs.report.md"
     let (code, out, err) = stepbox(&["schedule", "firings", &id]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("succeeded"), "{out}");
+    // The firing's run record says the schedule started it.
+    let run_id = out
+        .lines()
+        .find(|l| l.contains("succeeded"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let (code, out, err) = stepbox(&["workflow", "record", &run_id]);
+    assert_eq!(code, Some(0), "{err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&record["trigger"], &record["run_id"]),
+        (&serde_json::json!("schedule"), &serde_json::json!(run_id))
+    );
+    let (code, _, err) = stepbox(&["workflow", "record", "no-such-run"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no workflow run `no-such-run`"), "{err}");
 
     // SIGTERM: the server stops within its grace period.
     let pid = child.0.id().to_string();

@@ -120,6 +120,21 @@ pub fn status_text(status: i32, exit_code: i32) -> (String, bool) {
     }
 }
 
+/// A kept run's status in words (a workflow's in its own words).
+pub fn run_words(run: &KeptRun) -> (String, bool) {
+    match &run.workflow {
+        Some(w) if w.status == "succeeded" => (
+            "Succeeded: every step ran and passed its checks".into(),
+            true,
+        ),
+        Some(_) => (
+            "Failed: a step did not succeed (see the steps)".into(),
+            false,
+        ),
+        None => status_text(run.response.status, run.response.exit_code),
+    }
+}
+
 /// One step in the catalog, as the core described it.
 #[derive(Debug)]
 pub struct StepCard {
@@ -170,8 +185,35 @@ fn stage_list(stages: &[pb::StageAlias]) -> Markup {
     }
 }
 
-/// The catalog: every step the tenant may run, with a search box.
-pub fn catalog(nav: &Nav<'_>, query: &str, cards: &[StepCard], notice: Option<&str>) -> Markup {
+/// One workflow in the catalog.
+#[derive(Debug)]
+pub struct WorkflowCard {
+    /// From `ListWorkflows`.
+    pub summary: pb::WorkflowSummary,
+    /// From `GetWorkflow`, when it answered.
+    pub detail: Option<pb::GetWorkflowResponse>,
+}
+
+fn workflow_verification(v: &pb::WorkflowVersion) -> Markup {
+    let passed = v.case_results.iter().filter(|c| c.passed).count();
+    html! {
+        @if v.verified { span.badge.ok { "verified" } } @else { span.badge.bad { "unverified" } }
+        " "
+        span.meta {
+            (passed) " of " (v.case_results.len()) " cases passed, "
+            (v.steps.len()) " steps, " (when(v.created_at.as_ref())) " (v" (v.number) ")"
+        }
+    }
+}
+
+/// The catalog: every step and workflow the tenant may run, with a search box.
+pub fn catalog(
+    nav: &Nav<'_>,
+    query: &str,
+    cards: &[StepCard],
+    workflows: &[WorkflowCard],
+    notice: Option<&str>,
+) -> Markup {
     layout(
         "Catalog",
         Some(nav),
@@ -202,8 +244,125 @@ pub fn catalog(nav: &Nav<'_>, query: &str, cards: &[StepCard], notice: Option<&s
                     }
                 }
             }
+            @if !workflows.is_empty() {
+                h2 { "Workflows" }
+                div.steps {
+                    @for w in workflows {
+                        div.card.workflow data-workflow=(w.summary.name) {
+                            h2 { a href={ "/workflows/" (w.summary.name) } { (w.summary.name) } }
+                            p { (w.summary.description) }
+                            @if let Some(d) = &w.detail {
+                                @if let Some(v) = &d.selected { p { (workflow_verification(v)) } }
+                                (stage_list(&d.stages))
+                            }
+                        }
+                    }
+                }
+            }
         },
     )
+}
+
+/// The version picker: every set stage (`prod` first choice), then the newest verified.
+fn version_select(stages: &[pb::StageAlias], newest: Option<i64>) -> Markup {
+    let set: Vec<&pb::StageAlias> = stages.iter().filter(|s| s.set).collect();
+    let default_stage = if set.iter().any(|s| s.stage == "prod") {
+        "prod".to_string()
+    } else {
+        set.last().map(|s| s.stage.clone()).unwrap_or_default()
+    };
+    html! {
+        label for="ref" { "Version" }
+        select id="ref" name="ref" {
+            @for s in &set {
+                option value=(s.stage) selected[s.stage == default_stage] {
+                    (s.stage) " (v" (s.number) ")"
+                }
+            }
+            @if let Some(n) = newest {
+                option value="" selected[set.is_empty()] { "newest verified (v" (n) ")" }
+            }
+        }
+    }
+}
+
+/// The workflow page: its inputs, its steps as a graph whose nodes take their state live, and
+/// the run form.
+pub fn workflow(nav: &Nav<'_>, wf: &pb::GetWorkflowResponse, max_upload: u64) -> Markup {
+    let selected = wf.selected.as_ref();
+    let runnable = selected.is_some() || wf.stages.iter().any(|s| s.set);
+    layout(
+        &wf.name,
+        Some(nav),
+        html! {
+            h1 { (wf.name) }
+            p.lead { (selected.map(|v| v.description.as_str()).unwrap_or_default()) }
+            div.card {
+                @if let Some(v) = selected { p { (workflow_verification(v)) } }
+                (stage_list(&wf.stages))
+            }
+            @if let Some(v) = selected {
+                h2 { "Steps" }
+                ol.graph id="graph" {
+                    @for (i, step) in v.steps.iter().enumerate() {
+                        @if i > 0 { li.edge aria-hidden="true" { "↓" } }
+                        li.node data-node=(step.id) {
+                            strong { (step.id) }
+                            span.meta { " " (if step.resolved_from.is_empty() { step.program.as_str() } else { step.resolved_from.as_str() }) }
+                            span.state { "waiting" }
+                        }
+                    }
+                }
+            }
+            @if !runnable {
+                div.notice.warn { "This workflow has no verified version and no stage yet: there is nothing to run." }
+            } @else {
+                form.card id="run-form" method="post" action={ "/workflows/" (wf.name) "/run" } enctype="multipart/form-data" {
+                    input type="hidden" name="csrf" value=(nav.csrf);
+                    h2 { "Your files" }
+                    @for name in selected.map(|v| v.inputs.as_slice()).unwrap_or_default() {
+                        label for={ "input-" (name) } { (name) }
+                        div.drop {
+                            input type="file" id={ "input-" (name) } name={ "input." (name) };
+                            p.hint { "Drop the file for the workflow's input " code { (name) } " here or choose it." }
+                            p.chosen {}
+                        }
+                    }
+                    p.meta { "At most " (size(max_upload)) " in all." }
+                    (version_select(&wf.stages, selected.map(|v| v.number)))
+                    p { button type="submit" id="run" { "Run" } }
+                }
+                div.notice.error id="run-error" role="alert" hidden {}
+                section.card id="live" hidden {
+                    div.live-head {
+                        h2 id="live-state" { "Running…" }
+                        span.elapsed id="elapsed" { "0.0 s" }
+                    }
+                    pre id="live-stdout" {}
+                    pre.stderr id="live-stderr" hidden {}
+                }
+            }
+        },
+    )
+}
+
+fn workflow_steps(run: &pb::WorkflowRun) -> Markup {
+    html! {
+        h2 { "Steps" }
+        ol.graph id="graph" {
+            @for (i, s) in run.steps.iter().enumerate() {
+                @let state = pb::WorkflowStepState::try_from(s.state).unwrap_or(pb::WorkflowStepState::Unspecified);
+                @let good = matches!(state, pb::WorkflowStepState::Succeeded | pb::WorkflowStepState::Reused);
+                @if i > 0 { li.edge aria-hidden="true" { "↓" } }
+                li.node.ok[good].bad[!good] data-node=(s.id) {
+                    strong { (s.id) }
+                    span.meta { " " (s.version) }
+                    span.state { (state.as_str_name().trim_start_matches("WORKFLOW_STEP_STATE_").to_ascii_lowercase()) }
+                    @if !s.message.is_empty() { span.detail { (s.message) } }
+                }
+            }
+        }
+    }
 }
 
 /// Input file names a step's cases use, in first-seen order.
@@ -358,7 +517,17 @@ fn text_of(bytes: &[u8]) -> String {
 /// The result of a kept run: status, checks, outputs with downloads and previews, manifest.
 pub fn result(nav: &Nav<'_>, run: &KeptRun) -> Markup {
     let r = &run.response;
-    let (words, good) = status_text(r.status, r.exit_code);
+    let (words, good) = match &run.workflow {
+        Some(w) if w.status == "succeeded" => (
+            "Succeeded: every step ran and passed its checks".to_string(),
+            true,
+        ),
+        Some(_) => (
+            "Failed: a step did not succeed (see the steps below)".to_string(),
+            false,
+        ),
+        None => status_text(r.status, r.exit_code),
+    };
     let manifest = r.manifest.as_ref();
     let downloadable = run.files.iter().any(|f| f.disk.is_some());
     layout(
@@ -375,6 +544,7 @@ pub fn result(nav: &Nav<'_>, run: &KeptRun) -> Markup {
                     @if let Some(m) = manifest { @if m.step_version > 0 { " · " (m.step_name) " v" (m.step_version) } }
                 }
             }
+            @if let Some(w) = &run.workflow { (workflow_steps(w)) }
             h2 { "Output" }
             pre id="stdout" { (text_of(&r.stdout)) }
             @if r.stdout_truncated { p.meta { "(cut at its limit)" } }

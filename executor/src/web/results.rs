@@ -68,6 +68,8 @@ pub struct KeptRun {
     pub files: Vec<KeptFile>,
     /// Whether the outputs were too large to keep.
     pub files_dropped: bool,
+    /// For a workflow run: its record (steps, states, digests), outputs' bytes left out.
+    pub workflow: Option<pb::WorkflowRun>,
     /// When it finished.
     pub finished: SystemTime,
     kept_at: Instant,
@@ -152,7 +154,19 @@ impl Results {
         &self,
         tenant: &str,
         step_ref: &str,
+        response: pb::RunStepResponse,
+    ) -> std::io::Result<Arc<KeptRun>> {
+        self.keep_with(tenant, step_ref, response, None).await
+    }
+
+    /// [`Results::keep`] for a workflow run: `response` carries its outputs, `workflow` its
+    /// record.
+    pub async fn keep_with(
+        &self,
+        tenant: &str,
+        step_ref: &str,
         mut response: pb::RunStepResponse,
+        workflow: Option<pb::WorkflowRun>,
     ) -> std::io::Result<Arc<KeptRun>> {
         let outputs = std::mem::take(&mut response.outputs);
         let bytes: u64 = outputs.iter().map(|f| f.content.len() as u64).sum();
@@ -198,6 +212,7 @@ impl Results {
             response,
             files,
             files_dropped,
+            workflow,
             finished: SystemTime::now(),
             kept_at: Instant::now(),
             bytes: if files_dropped { 0 } else { bytes },

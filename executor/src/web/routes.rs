@@ -25,11 +25,12 @@ use tonic::Status;
 use crate::pb;
 use crate::pb::step_catalog_server::StepCatalog;
 use crate::pb::step_executor_server::StepExecutor;
+use crate::pb::step_workflows_server::StepWorkflows;
 use crate::service::StepService;
 use crate::service::config::CatalogPermission;
 use crate::service::tenancy::{Tenant, Tenants};
 use crate::web::WebOptions;
-use crate::web::pages::{self, Nav, StepCard};
+use crate::web::pages::{self, Nav, StepCard, WorkflowCard};
 use crate::web::results::{KeptRun, Preview, Results};
 use crate::web::session::{Session, Sessions, same_origin};
 use crate::web::upload::{self, UploadError};
@@ -123,6 +124,11 @@ pub fn router(app: App) -> Router {
         .route(
             "/steps/{name}/run",
             post(run_from_page).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/workflows/{name}", get(workflow_page))
+        .route(
+            "/workflows/{name}/run",
+            post(run_workflow_from_page).layer(DefaultBodyLimit::disable()),
         )
         .route("/runs", get(history))
         .route("/runs/{id}", get(run_page))
@@ -417,6 +423,7 @@ async fn catalog(
                 &ctx.nav(),
                 &search.q,
                 &[],
+                &[],
                 Some("Your access does not include running published steps."),
             ),
         );
@@ -448,7 +455,40 @@ async fn catalog(
             .map(|r| r.into_inner());
         cards.push(StepCard { summary, detail });
     }
-    ctx.page(StatusCode::OK, pages::catalog(&ctx.nav(), &q, &cards, None))
+    // Workflows, when the server has them (else the call answers FAILED_PRECONDITION and the
+    // catalog shows steps only); the search applies to them as well.
+    let mut workflows = Vec::new();
+    if let Ok(list) = app
+        .service
+        .list_workflows(core_request(&tenant, pb::ListWorkflowsRequest {}))
+        .await
+    {
+        let needle = q.to_lowercase();
+        for summary in list.into_inner().workflows {
+            if !needle.is_empty()
+                && !summary.name.to_lowercase().contains(&needle)
+                && !summary.description.to_lowercase().contains(&needle)
+            {
+                continue;
+            }
+            let detail = app
+                .service
+                .get_workflow(core_request(
+                    &tenant,
+                    pb::GetWorkflowRequest {
+                        workflow_ref: summary.name.clone(),
+                    },
+                ))
+                .await
+                .ok()
+                .map(|r| r.into_inner());
+            workflows.push(WorkflowCard { summary, detail });
+        }
+    }
+    ctx.page(
+        StatusCode::OK,
+        pages::catalog(&ctx.nav(), &q, &cards, &workflows, None),
+    )
 }
 
 async fn step_page(
@@ -477,6 +517,253 @@ async fn step_page(
         ),
         Err(s) => ctx.core_error(&s),
     }
+}
+
+async fn workflow_page(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let ctx = match page_ctx(&app, &headers) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    if name.contains('@') {
+        return ctx.core_error(&Status::not_found(format!("no workflow `{name}`")));
+    }
+    match app
+        .service
+        .get_workflow(core_request(
+            ctx.tenant(),
+            pb::GetWorkflowRequest { workflow_ref: name },
+        ))
+        .await
+    {
+        Ok(wf) => ctx.page(
+            StatusCode::OK,
+            pages::workflow(&ctx.nav(), wf.get_ref(), app.options.max_upload_bytes),
+        ),
+        Err(s) => ctx.core_error(&s),
+    }
+}
+
+/// A workflow run as a step run's response, so the result page, downloads and the zip serve
+/// both: its outputs (`NAME/FILE`), every step's checks (`STEP: CHECK`), a summary of the steps
+/// as stdout, and its manifest digest. The record itself is kept beside it.
+fn workflow_response(run: &mut pb::WorkflowRun) -> pb::RunStepResponse {
+    let mut stdout = String::new();
+    let mut checks = Vec::new();
+    for s in &run.steps {
+        let state = pb::WorkflowStepState::try_from(s.state)
+            .unwrap_or(pb::WorkflowStepState::Unspecified)
+            .as_str_name()
+            .trim_start_matches("WORKFLOW_STEP_STATE_")
+            .to_ascii_lowercase();
+        stdout.push_str(&format!("{}: {state}", s.id));
+        if !s.status.is_empty() {
+            stdout.push_str(&format!(" ({})", s.status));
+        }
+        if !s.message.is_empty() {
+            stdout.push_str(&format!(": {}", s.message));
+        }
+        stdout.push('\n');
+        checks.extend(s.checks.iter().map(|c| pb::CheckResult {
+            name: format!("{}: {}", s.id, c.name),
+            passed: c.passed,
+            detail: c.detail.clone(),
+        }));
+    }
+    let outputs = run
+        .outputs
+        .iter_mut()
+        .filter(|o| !o.content_omitted)
+        .map(|o| pb::File {
+            path: format!("{}/{}", o.name, pages::base_name(&o.file)),
+            content: std::mem::take(&mut o.content),
+            sha256: o.sha256.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let succeeded = run.status == "succeeded";
+    pb::RunStepResponse {
+        run_id: run.run_id.clone(),
+        status: if succeeded {
+            pb::Status::Succeeded
+        } else {
+            pb::Status::Failed
+        } as i32,
+        exit_code: if succeeded { 0 } else { -1 },
+        stdout: stdout.into_bytes(),
+        outputs,
+        check_results: checks,
+        manifest: Some(pb::Manifest {
+            digest: run.manifest_digest.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A workflow event as a live event for the page's graph.
+fn node_event(event: pb::workflow_run_event::Event) -> Option<serde_json::Value> {
+    use pb::workflow_run_event::Event;
+    let (id, state, class) = match event {
+        Event::Queued(id) => (id, "queued".to_string(), ""),
+        Event::Started(id) => (id, "running".to_string(), "running"),
+        Event::Finished(s) => {
+            let state = pb::WorkflowStepState::try_from(s.state)
+                .unwrap_or(pb::WorkflowStepState::Unspecified);
+            let good = matches!(
+                state,
+                pb::WorkflowStepState::Succeeded | pb::WorkflowStepState::Reused
+            );
+            (
+                s.id,
+                state
+                    .as_str_name()
+                    .trim_start_matches("WORKFLOW_STEP_STATE_")
+                    .to_ascii_lowercase(),
+                if good { "ok" } else { "bad" },
+            )
+        }
+        Event::Result(_) => return None,
+    };
+    Some(serde_json::json!({ "node": { "id": id, "state": state, "class": class } }))
+}
+
+async fn run_workflow_from_page(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Response {
+    let live = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(NDJSON));
+    let session = app.sessions.get(&headers);
+    let refuse = |status: StatusCode, message: String| -> Response {
+        if live {
+            return json_error(status, message);
+        }
+        let nav = session.as_ref().map(|s| Nav {
+            tenant: &s.tenant.name,
+            csrf: &s.csrf,
+            signed_in: app.tenants.required(),
+        });
+        html(status, pages::error(nav.as_ref(), "Not run", &message))
+    };
+    let multipart = match multipart {
+        Ok(m) => m,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let expected = match &session {
+        Some(s) if same_origin(&headers) => s.csrf.clone(),
+        _ => crate::web::session::random_token(),
+    };
+    let received = match upload::receive(
+        multipart,
+        &app.uploads,
+        app.upload_limits(),
+        Some(&expected),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return refuse(e.status(), e.to_string()),
+    };
+    let Some(session) = session.clone() else {
+        return refuse(StatusCode::FORBIDDEN, UploadError::Csrf.to_string());
+    };
+    let tenant = session.tenant.clone();
+    let workflow_ref = match &received.stage {
+        Some(stage) => format!("{name}@{stage}"),
+        None => name.clone(),
+    };
+    // A workflow's inputs are named (`rows`), not paths: each file goes to its input.
+    let step_like = match run_request(workflow_ref.clone(), received).await {
+        Ok(r) => r,
+        Err(e) => return refuse(e.status(), e.to_string()),
+    };
+    let request = pb::RunWorkflowRequest {
+        workflow: Some(pb::run_workflow_request::Workflow::WorkflowRef(
+            workflow_ref.clone(),
+        )),
+        inputs: step_like.inputs,
+        max_output_bytes: app.options.keep_bytes,
+    };
+    let mut events = match app
+        .service
+        .run_workflow(core_request(&tenant, request))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => return refuse(http_status(&s), s.message().to_string()),
+    };
+    let results = app.results.clone();
+    let keep = move |mut run: pb::WorkflowRun| {
+        let results = results.clone();
+        let tenant = tenant.name.clone();
+        let workflow_ref = workflow_ref.clone();
+        async move {
+            let response = workflow_response(&mut run);
+            results
+                .keep_with(&tenant, &workflow_ref, response, Some(run))
+                .await
+        }
+    };
+    if !live {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(pb::WorkflowRunEvent {
+                    event: Some(pb::workflow_run_event::Event::Result(run)),
+                }) => {
+                    return match keep(run).await {
+                        Ok(kept) => Redirect::to(&format!("/runs/{}", kept.run_id)).into_response(),
+                        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    };
+                }
+                Ok(_) => {}
+                Err(s) => return refuse(http_status(&s), s.message().to_string()),
+            }
+        }
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the run ended without a result".into(),
+        );
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let line = match event {
+                Ok(pb::WorkflowRunEvent {
+                    event: Some(pb::workflow_run_event::Event::Result(run)),
+                }) => match keep(run).await {
+                    Ok(kept) => serde_json::json!({ "done": result_json(&kept) }),
+                    Err(e) => serde_json::json!({
+                        "error": format!("the result could not be kept: {e}")
+                    }),
+                },
+                Ok(pb::WorkflowRunEvent { event: Some(e) }) => match node_event(e) {
+                    Some(v) => v,
+                    None => continue,
+                },
+                Ok(pb::WorkflowRunEvent { event: None }) => continue,
+                Err(s) => serde_json::json!({ "error": s.message() }),
+            };
+            if tx.send(ndjson_line(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, NDJSON),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+        .into_response()
 }
 
 /// Reads the received files into a run request for `step_ref`; the temporary directory goes
@@ -508,7 +795,7 @@ async fn run_request(
 /// A run's result as JSON (the API's answer and the live stream's last event).
 pub fn result_json(run: &KeptRun) -> serde_json::Value {
     let r = &run.response;
-    let (status_text, _) = pages::status_text(r.status, r.exit_code);
+    let (status_text, _) = pages::run_words(run);
     let status = pb::Status::try_from(r.status).unwrap_or(pb::Status::Unspecified);
     let manifest = r.manifest.as_ref();
     let page_url = format!("/runs/{}", r.run_id);

@@ -23,6 +23,7 @@ const LIMIT: usize = 64 << 10;
 /// A `stepbox serve --web` with the example published and promoted.
 struct Server {
     child: std::process::Child,
+    grpc: String,
     web: String,
     dir: tempfile::TempDir,
 }
@@ -116,7 +117,16 @@ impl Server {
             .strip_prefix("web page on ")
             .unwrap_or_else(|| panic!("stepbox serve said {lines:?}"))
             .to_string();
-        Server { child, web, dir: d }
+        let grpc = format!(
+            "http://{}",
+            lines[0].trim().strip_prefix("listening on ").unwrap()
+        );
+        Server {
+            child,
+            grpc,
+            web,
+            dir: d,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -967,4 +977,117 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
     assert_eq!(e, "no step `bulk-edit-validator`");
     c.close().await.unwrap();
     assert_eq!(server.leftover_uploads(), 0);
+}
+
+/// A one-step workflow around the validator, with its case.
+const WORKFLOW: &str = r#"
+name = "bulk-edit-check"
+description = "Validates a bulk edit and hands back the problems"
+[inputs]
+edits = "bulk_edit.csv"
+[[steps]]
+id = "validate"
+uses = "bulk-edit-validator@prod"
+inputs = { "bulk_edit.csv" = "inputs.edits" }
+[outputs]
+errors = "steps.validate.outputs.bulk_edit_errors.csv"
+[[cases]]
+name = "sample"
+inputs = { edits = "cases/bulk_edit.csv" }
+expected_outputs = { errors = "cases/errors.csv" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_runs_from_its_page_with_its_steps_taking_their_state_live() {
+    use stepbox::pb;
+    let server = Server::start();
+    let csv = std::fs::read(examples().join("bulk_edit.csv")).unwrap();
+    let file = |path: &str, content: Vec<u8>| pb::File {
+        path: path.into(),
+        content,
+        ..Default::default()
+    };
+    let mut workflows =
+        pb::step_workflows_client::StepWorkflowsClient::connect(server.grpc.clone())
+            .await
+            .unwrap();
+    let mut req = tonic::Request::new(pb::PublishWorkflowRequest {
+        workflow: Some(pb::InlineWorkflow {
+            toml: WORKFLOW.into(),
+            files: vec![
+                file("cases/bulk_edit.csv", csv.clone()),
+                file("cases/errors.csv", expected_report()),
+            ],
+        }),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer ci-token".parse().unwrap());
+    let published = workflows.publish_workflow(req).await.unwrap().into_inner();
+    assert!(
+        published.version.as_ref().is_some_and(|v| v.verified),
+        "{published:?}"
+    );
+
+    let ci = sign_in(&server, "ci-token").await;
+    let as_ci = [("cookie", ci.as_str())];
+    let catalog = get(&server, "/steps", &as_ci).await.text();
+    assert!(
+        catalog.contains("data-workflow=\"bulk-edit-check\""),
+        "{catalog}"
+    );
+    let page = get(&server, "/workflows/bulk-edit-check", &as_ci).await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let html = page.text();
+    assert!(html.contains("name=\"input.edits\"") && html.contains("data-node=\"validate\""));
+    let csrf = csrf_of(&html);
+    let (kind, body) = multipart(&[
+        ("csrf", None, csrf.as_bytes()),
+        ("input.edits", Some("mine.csv"), &csv),
+    ]);
+    let a = send(
+        client()
+            .post(server.url("/workflows/bulk-edit-check/run"))
+            .header("content-type", kind)
+            .header("cookie", ci.as_str())
+            .header("accept", "application/x-ndjson")
+            .body(body),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let events: Vec<Value> = a
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|e| e["node"]["id"] == "validate")
+        .map(|e| e["node"]["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.last(), Some(&"succeeded"), "{events:?}");
+    assert!(states.contains(&"running"), "{events:?}");
+    let done = &events.last().unwrap()["done"];
+    assert_eq!(done["status"], "SUCCEEDED", "{events:?}");
+    assert_eq!(done["outputs"][0]["path"], "errors/bulk_edit_errors.csv");
+    let url = done["outputs"][0]["url"].as_str().unwrap();
+    assert_eq!(get(&server, url, &as_ci).await.body, expected_report());
+    let result = get(&server, done["page_url"].as_str().unwrap(), &as_ci)
+        .await
+        .text();
+    assert!(result.contains("Succeeded: every step ran"), "{result}");
+    assert!(result.contains("data-node=\"validate\""), "{result}");
+
+    // Tenant `other` sees no trace of it.
+    let other = sign_in(&server, "other-token").await;
+    let as_other = [("cookie", other.as_str())];
+    assert!(
+        !get(&server, "/steps", &as_other)
+            .await
+            .text()
+            .contains("bulk-edit-check")
+    );
+    let hidden = get(&server, "/workflows/bulk-edit-check", &as_other).await;
+    assert_eq!(hidden.status, 404, "{}", hidden.text());
+    assert_eq!(get(&server, url, &as_other).await.status, 404);
 }

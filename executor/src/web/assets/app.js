@@ -101,6 +101,14 @@ if (form) {
           stderr.hidden = false;
           stderr.textContent += event.stderr;
         }
+        if (event.node !== undefined) {
+          const node = document.querySelector('[data-node="' + CSS.escape(event.node.id) + '"]');
+          if (node) {
+            node.classList.remove("running", "ok", "bad");
+            if (event.node.class) node.classList.add(event.node.class);
+            node.querySelector(".state").textContent = event.node.state;
+          }
+        }
         if (event.error !== undefined) {
           fail(event.error);
           return;

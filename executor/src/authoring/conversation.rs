@@ -104,7 +104,10 @@ pub struct ImportedStep {
     pub source: String,
     /// File name for tracebacks.
     pub filename: String,
-    /// Imports the python runtime does not have, with the cell that needs each.
+    /// The runtime the step runs on: `python`, or `python-data` when the cells import what only
+    /// it has (numpy, pandas, matplotlib, ...) and this executor has it.
+    pub runtime: RuntimeKind,
+    /// Imports the chosen runtime does not have, with the cell that needs each.
     pub unsupported_imports: Vec<UnsupportedImport>,
     /// What the step should print on the conversation's own inputs, when that can be known.
     pub expected_stdout: Option<String>,
@@ -115,7 +118,7 @@ pub struct ImportedStep {
 impl ImportedStep {
     /// The step as a job in the `mnt-data` layout (inputs still to be added).
     pub fn job(&self) -> StepJob {
-        let mut job = StepJob::new(RuntimeKind::Python, self.source.clone());
+        let mut job = StepJob::new(self.runtime, self.source.clone());
         job.layout = Layout::MntData;
         job.filename = Some(self.filename.clone());
         job
@@ -471,9 +474,17 @@ struct CellInfo {
 }
 
 /// Runs in the sandbox: parses each cell with `ast` and checks its imports against the modules the
-/// runtime has (every available module is preloaded in the snapshot, so `sys.modules` is the list).
+/// runtime has: those in `sys.modules` (the `python` runtime preloads everything it has) or that
+/// its importers can find (`python-data` imports from its stdlib zip on demand).
 const ANALYSE_CELLS: &str = r#"
-import ast, json, sys
+import ast, importlib.util, json, sys
+def available(name):
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except Exception:
+        return False
 out = []
 for src in json.load(sys.stdin):
     info = {"ends_with_expression": False, "prints": False, "unavailable": [], "syntax_error": None}
@@ -495,19 +506,18 @@ for src in json.load(sys.stdin):
             names.add(node.module.split(".")[0])
         elif is_print(node):
             info["prints"] = True
-    info["unavailable"] = sorted(n for n in names if n not in sys.modules)
+    info["unavailable"] = sorted(n for n in names if not available(n))
     out.append(info)
 print(json.dumps(out))
 "#;
 
-/// Extracts and analyses a conversation into a step. The analysis runs in the sandbox.
-pub async fn import(
+/// Runs [`ANALYSE_CELLS`] on `runtime` over the extracted cells.
+async fn analyse(
     executor: &Executor,
-    bytes: &[u8],
-    select: Option<&str>,
-) -> Result<ImportedStep, ImportError> {
-    let ex = extract(bytes, select)?;
-    let mut job = StepJob::new(RuntimeKind::Python, ANALYSE_CELLS);
+    ex: &Extracted,
+    runtime: RuntimeKind,
+) -> Result<Vec<CellInfo>, ImportError> {
+    let mut job = StepJob::new(runtime, ANALYSE_CELLS);
     job.filename = Some("analyse_cells.py".into());
     job.stdin = serde_json::to_vec(&ex.cells.iter().map(|c| c.code.as_str()).collect::<Vec<_>>())
         .expect("strings serialise")
@@ -516,19 +526,69 @@ pub async fn import(
     let r = executor.run(job).await?;
     if r.status != Status::Succeeded {
         return Err(ImportError::Job(JobError::Internal(anyhow::anyhow!(
-            "the cell analysis step ended with {}: {} {}",
+            "the cell analysis step ({runtime}) ended with {}: {} {}",
             r.status,
             r.message,
             String::from_utf8_lossy(&r.stderr)
         ))));
     }
-    let infos: Vec<CellInfo> = serde_json::from_slice(&r.stdout).map_err(|e| {
+    serde_json::from_slice(&r.stdout).map_err(|e| {
         ImportError::Job(JobError::Internal(anyhow::anyhow!(
-            "the cell analysis printed no JSON: {e}"
+            "the cell analysis ({runtime}) printed no JSON: {e}"
         )))
-    })?;
+    })
+}
 
+/// Extracts and analyses a conversation into a step, on the runtime that has its imports
+/// (`python-data` when it has more of them than `python` and is installed). The analysis runs in
+/// the sandbox.
+pub async fn import(
+    executor: &Executor,
+    bytes: &[u8],
+    select: Option<&str>,
+) -> Result<ImportedStep, ImportError> {
+    let ex = extract(bytes, select)?;
+    let mut runtime = RuntimeKind::Python;
+    let mut infos = analyse(executor, &ex, runtime).await?;
     let mut notes = Vec::new();
+    let missing = |infos: &[CellInfo]| {
+        infos
+            .iter()
+            .flat_map(|i| i.unavailable.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let in_python = missing(&infos);
+    if !in_python.is_empty() {
+        if executor
+            .runtimes()
+            .availability(RuntimeKind::PythonData)
+            .is_ok()
+        {
+            let data = analyse(executor, &ex, RuntimeKind::PythonData).await?;
+            let in_data = missing(&data);
+            if in_data.len() < in_python.len() {
+                let found: Vec<_> = in_python.difference(&in_data).cloned().collect();
+                notes.push(format!(
+                    "runs on the python-data runtime: the cells import {}, which it has and the \
+                     python runtime does not",
+                    found
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                runtime = RuntimeKind::PythonData;
+                infos = data;
+            }
+        } else {
+            notes.push(
+                "the python-data runtime (numpy, pandas, matplotlib, ...) is not installed on \
+                 this server: the step is checked against the python runtime only"
+                    .into(),
+            );
+        }
+    }
+
     let mut unsupported = Vec::new();
     let mut source = format!(
         "# Step imported by stepbox from the ChatGPT conversation {:?}{}.\n\
@@ -601,7 +661,7 @@ pub async fn import(
         notes.insert(
             0,
             format!(
-                "cell {} imports `{}`, which the python runtime does not have",
+                "cell {} imports `{}`, which the {runtime} runtime does not have",
                 u.cell, u.module
             ),
         );
@@ -635,6 +695,7 @@ pub async fn import(
         extracted: ex,
         source,
         filename,
+        runtime,
         unsupported_imports: unsupported,
         expected_stdout: expected,
         notes,

@@ -478,14 +478,36 @@ impl Generator {
             "You write one complete Python program (a \"step\") that turns the user's input files into the outputs they describe.\n\
              It runs in a sandbox with these rules:\n",
         );
-        let _ = writeln!(
-            s,
-            "- Python 3.14 with its standard library and these packages: {}. Nothing else is installed \
-             (no pandas, numpy, requests, lxml, ...). zoneinfo and dateutil know every IANA time zone. \
-             Unavailable even from the standard library: bz2, lzma, ssl, ctypes, curses, fcntl, grp, pwd, mmap, pty, readline, resource, \
-             syslog, termios, tty, tkinter.",
-            packages.join(", ")
-        );
+        let data_runtime = self
+            .executor
+            .runtimes()
+            .python_data_dir()
+            .map(|d| d.manifest());
+        match (req.runtime, data_runtime) {
+            (RuntimeKind::PythonData, Some(Ok((version, list)))) => {
+                let _ = writeln!(
+                    s,
+                    "- Python {version} (WebAssembly, wasm32) with its standard library and these packages: {}. \
+                     Nothing else is installed (no requests, pyarrow, polars, torch, ...). Save charts with matplotlib's Agg \
+                     backend to files. numpy's default integer is 32-bit here: give `dtype=np.int64` where values may pass 2**31. \
+                     Unavailable: threads and processes, ctypes, mmap, sockets, ssl.",
+                    list.iter()
+                        .map(|(n, v)| format!("{n} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "- Python 3.14 with its standard library and these packages: {}. Nothing else is installed \
+                     (no pandas, numpy, requests, lxml, ...). zoneinfo and dateutil know every IANA time zone. \
+                     Unavailable even from the standard library: bz2, lzma, ssl, ctypes, curses, fcntl, grp, pwd, mmap, pty, readline, resource, \
+                     syslog, termios, tty, tkinter.",
+                    packages.join(", ")
+                );
+            }
+        }
         s.push_str("- No network, no subprocesses, no threads.\n");
         let _ = writeln!(s, "- {data} {outputs}");
         let _ = writeln!(
@@ -667,11 +689,22 @@ impl Generator {
         req: GenerateRequest,
         events: Option<tokio::sync::mpsc::UnboundedSender<GenerateEvent>>,
     ) -> Result<GenerateOutcome, GenerateError> {
-        if req.runtime != RuntimeKind::Python {
-            return Err(GenerateError::Invalid {
-                field: "runtime".into(),
-                reason: "only `python` steps can be generated".into(),
-            });
+        match req.runtime {
+            RuntimeKind::Python => {}
+            RuntimeKind::PythonData => {
+                if let Err(reason) = self.executor.runtimes().availability(req.runtime) {
+                    return Err(GenerateError::Invalid {
+                        field: "runtime".into(),
+                        reason,
+                    });
+                }
+            }
+            RuntimeKind::Wasm => {
+                return Err(GenerateError::Invalid {
+                    field: "runtime".into(),
+                    reason: "only `python` and `python-data` steps can be generated".into(),
+                });
+            }
         }
         if req.requirements.trim().is_empty() {
             return Err(GenerateError::Invalid {
@@ -689,7 +722,7 @@ impl Generator {
         for (i, c) in req.checks.iter().enumerate() {
             c.prepare(i)?;
         }
-        let mut probe = StepJob::new(RuntimeKind::Python, "pass");
+        let mut probe = StepJob::new(req.runtime, "pass");
         probe.inputs = req.inputs.clone();
         probe.policy = req.policy.clone();
         probe.limits = req.limits.clone();
@@ -764,7 +797,7 @@ impl Generator {
                 model_ms,
             };
             if let Some(code) = code {
-                let mut job = StepJob::new(RuntimeKind::Python, code);
+                let mut job = StepJob::new(req.runtime, code);
                 job.layout = req.layout;
                 job.inputs = req.inputs.clone();
                 job.policy = req.policy.clone();

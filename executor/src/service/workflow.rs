@@ -8,9 +8,11 @@
 //! `publish`, promoting `promote`, running anything that uses the catalog `run`; every step's
 //! policy must be one the tenant may use.
 //!
-//! Admission: a run, publication or promotion takes one queue place and one slot of the
-//! server's admission while it runs (its steps run up to the workflow concurrency at once). The
-//! client's deadline, the client going away and shutdown stop a run; nothing is recorded then.
+//! Admission: a run, publication or promotion takes one queue place of the tenant and of the
+//! server for its whole length, and each of its steps one of the server's slots while it runs
+//! (up to the workflow concurrency at once), so workflow steps and single runs share one bound.
+//! The client's deadline, the client going away and shutdown stop a run; nothing is recorded
+//! then.
 //! Workflow inputs, and inline definitions, are kept as artifacts so a run resumes by id alone.
 
 use std::collections::BTreeMap;
@@ -81,11 +83,17 @@ impl WorkflowsHandle {
         }
     }
 
-    async fn get(&self, catalog: Arc<Catalog>) -> Result<&(Workflows, Scheduler), Status> {
+    async fn get(
+        &self,
+        catalog: Arc<Catalog>,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> Result<&(Workflows, Scheduler), Status> {
         self.ready
             .get_or_try_init(|| async {
                 let o = &self.options;
-                let workflows = Workflows::new(catalog.clone(), o.artifacts.clone(), o.concurrency);
+                let workflows = Workflows::new(catalog.clone(), o.artifacts.clone(), o.concurrency)
+                    .with_run_limit(o.section.artifact_limit.0)
+                    .with_slots(slots);
                 let scheduler = Scheduler::new(
                     catalog.store().clone(),
                     workflows.clone(),
@@ -127,7 +135,7 @@ impl StepService {
         let handle = self.workflows.as_ref().ok_or_else(|| {
             Status::failed_precondition("this server has no [workflows] artifact store configured")
         })?;
-        let (w, s) = handle.get(catalog).await?;
+        let (w, s) = handle.get(catalog, self.admission.slots.clone()).await?;
         Ok((w, s, &handle.options))
     }
 
@@ -278,8 +286,7 @@ impl StepService {
                 .map_err(|e| Status::internal(format!("input `{name}`: {e}")))?;
         }
         // Refuse at once when full, rather than after opening the stream.
-        let tenant_ticket = tenant.admit()?;
-        let ticket = self.admission.admit()?;
+        let (tenant_ticket, ticket) = self.place(&tenant)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WorkflowRunEvent, Status>>(64);
         let service = self.clone();
         tokio::spawn(async move {
@@ -310,12 +317,6 @@ impl StepService {
                 }
             };
             let run = async {
-                let _slot = service
-                    .admission
-                    .slots
-                    .acquire()
-                    .await
-                    .map_err(|_| Status::unavailable("the server is shutting down"))?;
                 let record = workflows
                     .run(&target.plan, inputs, resume.as_ref(), Some(ev_tx))
                     .await
@@ -364,6 +365,51 @@ impl StepService {
             let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// A queue place of the tenant and of the server (no slot: each step takes its own).
+    fn place(
+        &self,
+        tenant: &Tenant,
+    ) -> Result<
+        (
+            crate::service::tenancy::TenantTicket,
+            crate::service::admission::Ticket,
+        ),
+        Status,
+    > {
+        let t = tenant
+            .admit()
+            .inspect_err(|_| self.metrics.reject("tenant_limit"))?;
+        let a = self
+            .admission
+            .admit()
+            .inspect_err(|_| self.metrics.reject("queue_full"))?;
+        Ok((t, a))
+    }
+
+    /// Runs `work` (publishing or promoting: it runs cases, whose steps take slots themselves)
+    /// with a queue place, stopped by the client's deadline and by shutdown.
+    async fn with_place<T>(
+        &self,
+        tenant: &Tenant,
+        deadline: Option<Duration>,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let _place = self.place(tenant)?;
+        let _in_flight = self.metrics.in_flight();
+        let deadline = deadline.map(our_deadline);
+        let timer = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            () = timer => Err(Status::deadline_exceeded("the client's deadline passed; the cases were stopped and nothing was stored")),
+            () = cancelled(self.cancel.clone()) => Err(Status::unavailable("the server is shutting down; the cases were stopped and nothing was stored")),
+        }
     }
 
     pub(super) async fn rpc_run_workflow(
@@ -499,7 +545,7 @@ impl StepService {
             self.vet(&tenant, &plan).await?;
             let (w, _, _) = self.workflows().await?;
             let p = self
-                .run_admitted(&tenant, "default", deadline, async {
+                .with_place(&tenant, deadline, async {
                     w.publish(&wf, cases, &tenant.name, req.allow_unverified)
                         .await
                         .map_err(|e| workflow_status(e, None))
@@ -627,7 +673,7 @@ impl StepService {
                 .map_err(|e| workflow_status(e, Some(&r)))?;
             self.vet(&tenant, &plan).await?;
             let p = self
-                .run_admitted(&tenant, "default", deadline, async {
+                .with_place(&tenant, deadline, async {
                     w.promote(&r, &req.stage, &tenant.name)
                         .await
                         .map_err(|e| workflow_status(e, Some(&r)))

@@ -207,6 +207,9 @@ pub struct Workflows {
     artifacts: Arc<Artifacts>,
     /// Steps that run at once.
     pub concurrency: usize,
+    /// Shared with a server's admission: each step holds one while it runs, so workflow steps
+    /// count against the server's concurrency like any job (None: only `concurrency` bounds).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Most bytes one run may hold: its inputs plus every file its steps write
     /// (`[workflows] artifact_limit`).
     pub run_limit: u64,
@@ -225,6 +228,7 @@ impl Workflows {
             catalog,
             artifacts,
             concurrency: concurrency.max(1),
+            slots: None,
             run_limit: DEFAULT_RUN_LIMIT,
         }
     }
@@ -233,6 +237,13 @@ impl Workflows {
     /// whose outputs would pass it fails with `OUTPUT_EXCEEDED` and its successors are skipped.
     pub fn with_run_limit(mut self, bytes: u64) -> Workflows {
         self.run_limit = bytes;
+        self
+    }
+
+    /// The same runner whose steps each take one of `slots` while they run (a server's
+    /// admission); a step's `Started` event comes once it has one.
+    pub fn with_slots(mut self, slots: Arc<tokio::sync::Semaphore>) -> Workflows {
+        self.slots = Some(slots);
         self
     }
 
@@ -417,8 +428,7 @@ impl Workflows {
                             continue;
                         }
                         send(WorkflowEvent::Queued(s.id.clone()));
-                        send(WorkflowEvent::Started(s.id.clone()));
-                        running.push(self.execute(p, &held));
+                        running.push(self.execute(p, &held, events.as_ref()));
                     }
                 }
             }
@@ -636,7 +646,17 @@ impl Workflows {
         &self,
         p: Prepared,
         held: &AtomicU64,
+        events: Option<&tokio::sync::mpsc::UnboundedSender<WorkflowEvent>>,
     ) -> Result<(StepRecord, Vec<(String, bytes::Bytes)>), WorkflowError> {
+        let _slot = match &self.slots {
+            Some(s) => Some(s.clone().acquire_owned().await.map_err(|_| {
+                WorkflowError::Host("the server is shutting down; the step did not start".into())
+            })?),
+            None => None,
+        };
+        if let Some(tx) = events {
+            let _ = tx.send(WorkflowEvent::Started(p.record.id.clone()));
+        }
         let mut rec = p.record;
         let options = RunOptions {
             step_version: p.step_version,

@@ -970,6 +970,35 @@ async fn a_client_that_goes_away_stops_the_run_and_frees_its_place() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn workflow_steps_take_the_servers_slots_like_any_job() {
+    // One slot: the two independent first steps (`count`, `side`) may not run at once, though
+    // the workflow's own concurrency is 2.
+    let options = ServerOptions {
+        concurrency: 1,
+        queue: 4,
+        ..ServerOptions::default()
+    };
+    let mut s = Server::start_with(true, false, options).await;
+    publish_step(&mut s.catalog, Some(OPS)).await;
+    let (events, r) = s
+        .run(authed(by_inline(WORKFLOW, "Monthly\n"), OPS))
+        .await
+        .unwrap();
+    assert_eq!(r.status, "succeeded");
+    let o = order(&events);
+    let spans: Vec<(usize, usize)> = o
+        .values()
+        .map(|[_, st, f]| (st.unwrap(), f.unwrap()))
+        .collect();
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            assert!(a.1 < b.0 || b.1 < a.0, "two steps ran at once: {events:?}");
+        }
+    }
+    s.stop().await;
+}
+
 /// `stepbox serve` with a `[catalog] database` and `[workflows]` roots in `dir`.
 struct Replica {
     child: std::process::Child,

@@ -1,6 +1,7 @@
 //! The web page and its JSON endpoint, against the real `stepbox serve --web` binary on
 //! loopback: the example validator published and promoted to `prod`, two tenants (`ci` sees
-//! every step; `other` only `other-*`), uploads limited to 64 KiB and 3 files.
+//! every step; `other` only `other-*`), uploads limited to 64 KiB and 3 files, outputs kept for
+//! the newest 2 runs per tenant.
 //!
 //! HTTP-level tests (hand-made requests, so every header is visible): the JSON endpoint with
 //! bearer tokens and its downloads, the upload limits while the body arrives, sign-in cookies,
@@ -90,7 +91,7 @@ impl Server {
             &config,
             format!(
                 "[server]\naddr = \"127.0.0.1:0\"\n\
-                 [web]\naddr = \"127.0.0.1:0\"\nmax_upload_size = \"{LIMIT}\"\nmax_upload_files = 3\n\
+                 [web]\naddr = \"127.0.0.1:0\"\nmax_upload_size = \"{LIMIT}\"\nmax_upload_files = 3\nkeep_runs = 2\n\
                  [[tenants]]\nname = \"ci\"\ntokens = [\"{}\"]\ncatalog = [\"run\", \"publish\", \"promote\"]\n\
                  [[tenants]]\nname = \"other\"\ntokens = [\"{}\"]\nsteps = [\"other-*\"]\n",
                 hash_token("ci-token"),
@@ -666,6 +667,19 @@ async fn pages_need_a_sign_in_strict_cookies_and_csrf_tokens_and_hide_other_tena
         history.contains(&page_url[6..]),
         "the run is in the history"
     );
+    // Outputs stay downloadable for the newest 2 runs (`keep_runs = 2`): after a third run the
+    // first shows its record from the run history, and its files are gone.
+    let a = post(ci.clone(), Some(csrf.clone()), None, false).await;
+    assert_eq!(a.status, 303, "{}", a.text());
+    let old = get(&server, &page_url, &as_ci).await;
+    assert_eq!(old.status, 200);
+    let old = old.text();
+    assert!(
+        old.contains("Its files are no longer kept") && old.contains("Succeeded"),
+        "{old}"
+    );
+    let gone = get(&server, &format!("{page_url}/outputs/0"), &as_ci).await;
+    assert_eq!(gone.status, 404, "{}", gone.text());
 
     // Tenant `other`: no trace of ci's step, runs or files.
     let other = sign_in(&server, "other-token").await;

@@ -28,8 +28,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let service = StepService::new(executor, &options, cancel_rx)?;
+    // The web page stops accepting when the gRPC listener does; its runs are cancelled with
+    // the rest at the end of the grace period.
+    let (web_stop, web_stopping) = watch::channel(false);
     let _web = AbortOnDrop(match options.web.take() {
-        Some(web) => Some(web.start(service.clone())?),
+        Some(web) => Some(web.start(service.clone(), web_stopping)?),
         None => None,
     });
     let pruner = if let History::Shared(_) = service.history.as_ref() {
@@ -96,6 +99,7 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        let _ = web_stop.send(true);
         tracing::info!(grace = ?grace, "shutting down: no new connections; in-flight jobs may finish");
         health
             .set_not_serving::<StepExecutorServer<StepService>>()

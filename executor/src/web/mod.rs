@@ -96,8 +96,14 @@ impl WebServer {
         }
     }
 
-    /// Starts serving on the tokio runtime; the task runs until aborted (the gRPC server's end).
-    pub fn start(self, service: StepService) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    /// Starts serving on the tokio runtime. When `stop` turns true the listener closes and
+    /// requests in flight may finish; the task ends then, or when aborted (the gRPC server's
+    /// end).
+    pub fn start(
+        self,
+        service: StepService,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = self
             .listener
             .lock()
@@ -115,7 +121,13 @@ impl WebServer {
                 }
             });
             let router = routes::router(app);
-            if let Err(e) = axum::serve(listener, router).await {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
                 tracing::error!(error = %e, "the web server stopped");
             }
             prune.abort();

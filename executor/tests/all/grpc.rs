@@ -320,7 +320,39 @@ async fn runtimes_and_policies_are_listed() {
         .iter()
         .map(|r| (r.name.as_str(), r.available))
         .collect();
-    assert_eq!(names, [("python", true), ("wasm", true)]);
+    let data = executor()
+        .runtimes()
+        .availability(stepbox::RuntimeKind::PythonData)
+        .is_ok();
+    assert_eq!(
+        names,
+        [("python", true), ("wasm", true), ("python-data", data)]
+    );
+    let has = |r: &pb::Runtime, name: &str, version: &str| {
+        r.packages
+            .iter()
+            .any(|p| p.name == name && p.version == version)
+    };
+    let python = &r.runtimes[0];
+    assert_eq!(python.python_version, "3.14");
+    assert!(has(python, "openpyxl", "3.1.5"), "{:?}", python.packages);
+    assert!(r.runtimes[1].packages.is_empty());
+    let python_data = &r.runtimes[2];
+    if data {
+        assert_eq!(python_data.python_version, "3.15.0");
+        assert!(
+            has(python_data, "pandas", "3.0.6"),
+            "{:?}",
+            python_data.packages
+        );
+        assert!(has(python_data, "numpy", "2.5.2"));
+    } else {
+        assert!(
+            python_data
+                .unavailable_reason
+                .contains("python-data/build.sh")
+        );
+    }
     let p = s
         .client
         .list_policies(pb::ListPoliciesRequest {})

@@ -1129,7 +1129,6 @@ async fn publish_workflow(server: &Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_runs_from_its_page_with_its_steps_taking_their_state_live() {
-    use stepbox::pb;
     let server = Server::start();
     publish_workflow(&server).await;
     let csv = std::fs::read(examples().join("bulk_edit.csv")).unwrap();

@@ -42,7 +42,7 @@ use crate::service::workflow_convert::{
 use crate::workflow::artifacts::Artifacts;
 use crate::workflow::model::{Plan, StepKind, WorkflowFile};
 use crate::workflow::schedule::{
-    Schedule, ScheduleInputs, Scheduler, SchedulerOptions, SystemClock, WorkflowsSection,
+    RootKind, Schedule, ScheduleInputs, Scheduler, SchedulerOptions, SystemClock, WorkflowsSection,
 };
 use crate::workflow::{Trigger, WorkflowEvent, WorkflowRunRecord, Workflows};
 
@@ -757,10 +757,14 @@ impl StepService {
                     }
                     ScheduleInputs::Fixed(fixed)
                 }
-                Some(pb::create_schedule_request::Inputs::Inbox(i)) => ScheduleInputs::Inbox {
-                    dir: dir_from("inbox.dir", &i.dir)?,
-                    files: i.files.into_iter().collect(),
-                },
+                Some(pb::create_schedule_request::Inputs::Inbox(i)) => {
+                    let dir = dir_from("inbox.dir", &i.dir)?;
+                    tenant_dir(o, RootKind::Input, "inbox.dir", &dir, &tenant.name)?;
+                    ScheduleInputs::Inbox {
+                        dir,
+                        files: i.files.into_iter().collect(),
+                    }
+                }
                 None => ScheduleInputs::Fixed(BTreeMap::new()),
             };
             let mut schedule = Schedule {
@@ -778,7 +782,9 @@ impl StepService {
                 outbox: if req.outbox.is_empty() {
                     None
                 } else {
-                    Some(dir_from("outbox", &req.outbox)?)
+                    let dir = dir_from("outbox", &req.outbox)?;
+                    tenant_dir(o, RootKind::Output, "outbox", &dir, &tenant.name)?;
+                    Some(dir)
                 },
                 overlap: overlap_from(req.overlap)?,
                 catch_up: crate::job::limits::Millis(Duration::from_secs(3600)),
@@ -888,6 +894,40 @@ impl StepService {
             }))
         })
         .await
+    }
+}
+
+/// Over gRPC a schedule's inbox and outbox must lie in the tenant's own directory under a root
+/// (`ROOT/TENANT/...`), so one tenant never reads another's inbox nor writes into its outbox.
+/// (The CLI's schedules belong to the local operator and may use any directory under a root.)
+fn tenant_dir(
+    o: &WorkflowOptions,
+    kind: RootKind,
+    field: &str,
+    dir: &std::path::Path,
+    tenant: &str,
+) -> Result<(), Status> {
+    let roots = o
+        .section
+        .roots()
+        .map_err(|e| Status::failed_precondition(format!("[workflows]: {e}")))?;
+    let allowed = roots.resolve(kind, field, dir).map_err(schedule_status)?;
+    match allowed.below().components().next() {
+        Some(std::path::Component::Normal(first)) if first == std::ffi::OsStr::new(tenant) => {
+            Ok(())
+        }
+        _ => Err(bad(
+            field,
+            format!(
+                "`{}` is not in tenant `{tenant}`'s own directory: over gRPC an inbox or outbox \
+                 must lie under `ROOT/{tenant}/`, ROOT being one of `[workflows] {}`",
+                dir.display(),
+                match kind {
+                    RootKind::Input => "input_roots",
+                    RootKind::Output => "output_roots",
+                }
+            ),
+        )),
     }
 }
 

@@ -193,6 +193,11 @@ impl AllowedDir {
         self.root.join(&self.below)
     }
 
+    /// The path below its root (empty for the root itself).
+    pub fn below(&self) -> &Path {
+        &self.below
+    }
+
     /// Opens it through a handle on its root: a component replaced by a symlink leading out of
     /// the root since the check is refused by `cap-std`, not followed.
     fn open(&self) -> std::io::Result<Dir> {

@@ -217,7 +217,7 @@ impl Server {
                 .unwrap();
             options.catalog = Some(Arc::new(CatalogHandle::ready(Arc::new(catalog))));
         }
-        for d in ["in", "out", "artifacts"] {
+        for d in ["in", "out/ops", "out/billing", "artifacts"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         let root = std::fs::canonicalize(dir.path()).unwrap();
@@ -777,7 +777,7 @@ async fn every_refusal_names_what_was_wrong() {
     let sched = s
         .workflows
         .create_schedule(authed(
-            schedule_request(&s.dir.path().join("out"), true),
+            schedule_request(&s.dir.path().join("out/ops"), true),
             OPS,
         ))
         .await
@@ -820,7 +820,7 @@ async fn every_refusal_names_what_was_wrong() {
     assert!(theirs.schedules.is_empty());
 
     // Schedules: a bad cron, an outbox outside `[workflows] output_roots`, missing inputs.
-    let out = s.dir.path().join("out");
+    let out = s.dir.path().join("out/ops");
     let mut bad_cron = schedule_request(&out, true);
     bad_cron.cron = "61 * * * *".into();
     let mut outside = schedule_request(&out, true);
@@ -829,15 +829,41 @@ async fn every_refusal_names_what_was_wrong() {
     relative.outbox = "out".into();
     let mut no_inputs = schedule_request(&out, true);
     no_inputs.inputs = None;
-    for (req, field) in [
-        (bad_cron, "cron"),
-        (outside, "outbox"),
-        (relative, "outbox"),
-        (no_inputs, "inputs"),
+    // Another tenant's outbox or inbox, and the root itself: over gRPC only `ROOT/TENANT/...`.
+    let theirs = schedule_request(&s.dir.path().join("out/billing"), true);
+    let root = schedule_request(&s.dir.path().join("out"), true);
+    let mut their_inbox = schedule_request(&out, true);
+    their_inbox.inputs = Some(pb::create_schedule_request::Inputs::Inbox(
+        pb::ScheduleInbox {
+            dir: s.dir.path().join("in").display().to_string(),
+            files: [
+                ("rows".into(), "*.csv".into()),
+                ("title".into(), "*.txt".into()),
+            ]
+            .into(),
+        },
+    ));
+    for (req, field, words) in [
+        (bad_cron, "cron", "61 * * * *"),
+        (
+            outside,
+            "outbox",
+            "outside every `[workflows] output_roots`",
+        ),
+        (relative, "outbox", "not an absolute directory path"),
+        (no_inputs, "inputs", "give exactly the workflow's inputs"),
+        (theirs, "outbox", "not in tenant `ops`'s own directory"),
+        (root, "outbox", "not in tenant `ops`'s own directory"),
+        (
+            their_inbox,
+            "inbox.dir",
+            "not in tenant `ops`'s own directory",
+        ),
     ] {
         let (c, m) = code_and_message(s.workflows.create_schedule(authed(req, OPS)).await);
         assert_eq!(c, Code::InvalidArgument, "{m}");
         assert!(m.starts_with(&format!("invalid `{field}`")), "{m}");
+        assert!(m.contains(words), "{words}: {m}");
     }
     // A tenant may not schedule a workflow outside its names.
     let (c, m) = code_and_message(
@@ -1076,7 +1102,8 @@ async fn wait_for_file(dir: &Path, prefix: &str) -> PathBuf {
 async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
     let dir = tempfile::tempdir().unwrap();
     let d = std::fs::canonicalize(dir.path()).unwrap();
-    for sub in ["out/inline", "out/published", "artifacts"] {
+    // The anonymous tenant is `local`: its outboxes lie under `ROOT/local/`.
+    for sub in ["out/local/inline", "out/local/published", "artifacts"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
     let replica = start_replica(&d);
@@ -1108,7 +1135,7 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
     assert!(promoted.promoted, "{}", promoted.reason);
 
     // Created paused: nothing fires; listed; resumed; fires within seconds.
-    let mut req = schedule_request(&d.join("out/inline"), true);
+    let mut req = schedule_request(&d.join("out/local/inline"), true);
     req.paused = true;
     let inline_s = wf.create_schedule(req).await.unwrap().into_inner();
     assert!(
@@ -1116,7 +1143,7 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
     );
     assert_eq!(inline_s.fixed_inputs.len(), 2);
     let published = wf
-        .create_schedule(schedule_request(&d.join("out/published"), false))
+        .create_schedule(schedule_request(&d.join("out/local/published"), false))
         .await
         .unwrap()
         .into_inner();
@@ -1129,7 +1156,9 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
     assert_eq!(listed.schedules.len(), 2);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        std::fs::read_dir(d.join("out/inline")).unwrap().count(),
+        std::fs::read_dir(d.join("out/local/inline"))
+            .unwrap()
+            .count(),
         0,
         "paused"
     );
@@ -1142,7 +1171,10 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
         .into_inner();
     assert!(!resumed.paused);
 
-    for (s, sub) in [(&inline_s, "out/inline"), (&published, "out/published")] {
+    for (s, sub) in [
+        (&inline_s, "out/local/inline"),
+        (&published, "out/local/published"),
+    ] {
         let f = wait_for_file(&d.join(sub), "report-").await;
         assert_eq!(
             std::fs::read_to_string(&f).unwrap(),

@@ -13,7 +13,8 @@
 //! (up to the workflow concurrency at once), so workflow steps and single runs share one bound.
 //! The client's deadline, the client going away and shutdown stop a run; nothing is recorded
 //! then.
-//! Workflow inputs, and inline definitions, are kept as artifacts so a run resumes by id alone.
+//! A recorded run's inputs and inline definition are kept as artifacts, so it resumes by id
+//! alone; nothing is kept for a request that is refused or stopped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -115,6 +116,8 @@ struct Target {
     source: String,
     /// The reference, for not-found wording.
     r: Option<StepRef>,
+    /// An inline definition to keep (as an artifact, once the run is recorded).
+    keep: Option<Vec<u8>>,
 }
 
 impl StepService {
@@ -200,10 +203,12 @@ impl StepService {
             plan,
             source: format!("{}@sha256:{}", row.name, row.digest),
             r: Some(r),
+            keep: None,
         })
     }
 
-    /// An inline workflow, planned, its definition kept as an artifact (for resumes by id).
+    /// An inline workflow, planned; its definition is kept as an artifact once its run is
+    /// recorded (for resumes by id).
     async fn inline_target(
         &self,
         tenant: &Tenant,
@@ -211,7 +216,8 @@ impl StepService {
         field: &str,
     ) -> Result<Target, Status> {
         let (wf, _) = inline_from(field, inline)?;
-        let (_, _, o) = self.workflows().await?;
+        // FAILED_PRECONDITION first when the server cannot run workflows at all.
+        self.workflows().await?;
         let plan = wf.plan().map_err(model_status)?;
         if !tenant.may_see(&plan.name) {
             return Err(Status::permission_denied(format!(
@@ -220,11 +226,11 @@ impl StepService {
             )));
         }
         let json = serde_json::to_vec(&wf).map_err(|e| Status::internal(e.to_string()))?;
-        let digest = o.artifacts.put(&json).map_err(Status::internal)?;
         Ok(Target {
             plan,
-            source: format!("inline:sha256:{digest}"),
+            source: format!("inline:sha256:{}", crate::job::digest::sha256_hex(&json)),
             r: None,
+            keep: Some(json),
         })
     }
 
@@ -250,6 +256,7 @@ impl StepService {
                 plan,
                 source: rec.source.clone(),
                 r: None,
+                keep: None,
             });
         }
         if rec.source.is_empty() {
@@ -280,11 +287,6 @@ impl StepService {
         let (workflows, _, o) = self.workflows().await?;
         let workflows = workflows.clone();
         let artifacts = o.artifacts.clone();
-        for (name, b) in &inputs {
-            artifacts
-                .put(b)
-                .map_err(|e| Status::internal(format!("input `{name}`: {e}")))?;
-        }
         // Refuse at once when full, rather than after opening the stream.
         let (tenant_ticket, ticket) = self.place(&tenant)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WorkflowRunEvent, Status>>(64);
@@ -318,10 +320,19 @@ impl StepService {
             };
             let run = async {
                 let record = workflows
-                    .run(&target.plan, inputs, resume.as_ref(), Some(ev_tx))
+                    .run(&target.plan, inputs.clone(), resume.as_ref(), Some(ev_tx))
                     .await
                     .map_err(|e| workflow_status(e, target.r.as_ref()))?
                     .with_origin(Trigger::Api, target.source.clone());
+                // Kept only for runs that are recorded: what a resume by id reads back.
+                for (name, b) in &inputs {
+                    artifacts
+                        .put(b)
+                        .map_err(|e| Status::internal(format!("input `{name}`: {e}")))?;
+                }
+                if let Some(def) = &target.keep {
+                    artifacts.put(def).map_err(Status::internal)?;
+                }
                 let value =
                     serde_json::to_value(&record).map_err(|e| Status::internal(e.to_string()))?;
                 store

@@ -318,6 +318,22 @@ fn order(events: &[pb::workflow_run_event::Event]) -> HashMap<String, [Option<us
     m
 }
 
+/// Regular files anywhere under `dir`.
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                files_under(&e.path())
+            } else {
+                usize::from(t.is_file())
+            }
+        })
+        .sum()
+}
+
 fn step<'a>(r: &'a pb::WorkflowRun, id: &str) -> &'a pb::WorkflowStepResult {
     r.steps.iter().find(|s| s.id == id).unwrap()
 }
@@ -678,6 +694,8 @@ async fn every_refusal_names_what_was_wrong() {
         c == Code::InvalidArgument && m.starts_with("invalid `workflow`"),
         "{m}"
     );
+    // Nothing of the refused requests was kept.
+    assert_eq!(files_under(&s.dir.path().join("artifacts")), 0);
 
     // Unknown references: NOT_FOUND, and a workflow another tenant may not see answers with
     // the very same words.

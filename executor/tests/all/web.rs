@@ -791,7 +791,7 @@ async fn wait_for(c: &fantoccini::Client, css: &str, what: &str) -> fantoccini::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_runs_the_validator_in_a_real_browser() {
-    use fantoccini::Locator;
+    use futures::FutureExt;
     let (driver, browser) = match browser_binaries() {
         Ok(b) => b,
         Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
@@ -841,6 +841,21 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         }
     }
     let c = client.expect("chromedriver answers within 10 s");
+    // Whatever happens, the session is closed (chromedriver then quits the browser it started;
+    // killing chromedriver alone would leave Chromium running).
+    let outcome = std::panic::AssertUnwindSafe(drive(&c, &server))
+        .catch_unwind()
+        .await;
+    let _ = c.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    assert_eq!(server.leftover_uploads(), 0);
+}
+
+/// The person's session in the browser: sign in, run, download, the limits, another tenant.
+async fn drive(c: &fantoccini::Client, server: &Server) {
+    use fantoccini::Locator;
 
     // Sign in.
     c.goto(&server.url("/steps")).await.unwrap();
@@ -858,7 +873,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     let card = wait_for(
-        &c,
+        c,
         "[data-step='bulk-edit-validator']",
         "[data-step='bulk-edit-validator']",
     )
@@ -868,7 +883,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         text.contains("verified") && text.contains("prod → v1"),
         "{text}"
     );
-    shot(&c, "catalog").await;
+    shot(c, "catalog").await;
 
     // The step page: upload the CSV into the input its case names, run.
     card.find(Locator::Css("h2 a"))
@@ -878,7 +893,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     let input = wait_for(
-        &c,
+        c,
         "input[name='input.bulk_edit.csv']",
         "input[name='input.bulk_edit.csv']",
     )
@@ -887,14 +902,14 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .send_keys(examples().join("bulk_edit.csv").to_str().unwrap())
         .await
         .unwrap();
-    shot(&c, "step").await;
+    shot(c, "step").await;
     c.find(Locator::Id("run"))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
-    let status = wait_for(&c, "#status", "status").await;
+    let status = wait_for(c, "#status", "status").await;
     assert!(
         status.text().await.unwrap().starts_with("Succeeded"),
         "{}",
@@ -922,7 +937,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     assert!(table.contains("duplicate id"), "{table}");
-    shot(&c, "result").await;
+    shot(c, "result").await;
 
     // Download the report the way the page links it, in the browser (its cookie), and compare.
     let href = c
@@ -954,7 +969,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         )
         .await
         .unwrap();
-    shot(&c, "result-phone").await;
+    shot(c, "result-phone").await;
     assert_eq!(
         fits,
         Value::Bool(true),
@@ -964,7 +979,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
 
     c.goto(&server.url("/runs")).await.unwrap();
     assert_eq!(c.find_all(Locator::Css("tr.run")).await.unwrap().len(), 1);
-    shot(&c, "history").await;
+    shot(c, "history").await;
 
     // Too large: refused on the page with a message, nothing run.
     let big = server.dir.path().join("too-big.csv");
@@ -973,7 +988,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     let input = wait_for(
-        &c,
+        c,
         "input[name='input.bulk_edit.csv']",
         "input[name='input.bulk_edit.csv']",
     )
@@ -998,7 +1013,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         message.starts_with("the upload is too large: more than 64KiB"),
         "{message:?}"
     );
-    shot(&c, "too-large").await;
+    shot(c, "too-large").await;
     c.goto(&server.url("/runs")).await.unwrap();
     assert_eq!(
         c.find_all(Locator::Css("tr.run")).await.unwrap().len(),
@@ -1007,11 +1022,11 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
     );
 
     // A workflow around the validator: its step node turns green as the run goes.
-    publish_workflow(&server).await;
+    publish_workflow(server).await;
     c.goto(&server.url("/workflows/bulk-edit-check"))
         .await
         .unwrap();
-    let input = wait_for(&c, "input[name='input.edits']", "workflow page").await;
+    let input = wait_for(c, "input[name='input.edits']", "workflow page").await;
     input
         .send_keys(examples().join("bulk_edit.csv").to_str().unwrap())
         .await
@@ -1022,7 +1037,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let status = wait_for(&c, "#status", "workflow result").await;
+    let status = wait_for(c, "#status", "workflow result").await;
     assert!(
         status.text().await.unwrap().starts_with("Succeeded"),
         "{}",
@@ -1033,7 +1048,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     assert!(node.attr("class").await.unwrap().unwrap().contains("ok"));
-    shot(&c, "workflow-result").await;
+    shot(c, "workflow-result").await;
 
     // Another tenant: no trace of the step or the run.
     c.find(Locator::Css("header form button"))
@@ -1042,7 +1057,7 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let token = wait_for(&c, "#token", "token").await;
+    let token = wait_for(c, "#token", "token").await;
     token.send_keys("other-token").await.unwrap();
     c.find(Locator::Id("signin"))
         .await
@@ -1050,9 +1065,9 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    wait_for(&c, "#no-steps", "no-steps").await;
+    wait_for(c, "#no-steps", "no-steps").await;
     assert!(!c.source().await.unwrap().contains("bulk-edit-validator"));
-    shot(&c, "other-tenant-catalog").await;
+    shot(c, "other-tenant-catalog").await;
     c.goto(&run_url).await.unwrap();
     let e = c
         .find(Locator::Id("error"))
@@ -1073,8 +1088,6 @@ async fn a_person_runs_the_validator_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(e, "no step `bulk-edit-validator`");
-    c.close().await.unwrap();
-    assert_eq!(server.leftover_uploads(), 0);
 }
 
 /// A one-step workflow around the validator, with its case.

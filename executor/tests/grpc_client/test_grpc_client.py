@@ -100,7 +100,19 @@ class StepboxServer(unittest.TestCase):
 
     def test_listings(self):
         runtimes = self.stub.ListRuntimes(pb.ListRuntimesRequest(), timeout=10).runtimes
-        self.assertEqual([r.name for r in runtimes], ["python", "wasm"])
+        self.assertEqual([r.name for r in runtimes], ["python", "wasm", "python-data"])
+        by_name = {r.name: r for r in runtimes}
+        self.assertTrue(by_name["python"].available and by_name["wasm"].available)
+        self.assertTrue(by_name["python"].python_version.startswith("3.14"))
+        self.assertIn("openpyxl", {p.name.lower() for p in by_name["python"].packages})
+        data = by_name["python-data"]
+        # Optional: either present with pandas, or absent with a reason that says how to get it.
+        if data.available:
+            self.assertIn("pandas", {p.name.lower() for p in data.packages})
+        else:
+            self.assertTrue(data.unavailable_reason)
+        if os.environ.get("CI") == "true":
+            self.assertTrue(data.available, f"CI builds python-data: {data.unavailable_reason}")
         policies = {p.name: p for p in self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10).policies}
         self.assertIn("default", policies)
         self.assertGreater(policies["default"].default_limits.memory_bytes, 0)

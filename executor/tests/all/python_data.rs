@@ -361,3 +361,62 @@ async fn the_host_door_answers_nothing() {
         "ImportError this run has no tools: the embedder passed none\n"
     );
 }
+
+/// The bulk-edit validator conversation written with pandas, as Code Interpreter writes it
+/// (`bulk-edit-pandas.conversations.json`: the same turns, the same rules, vectorised), is
+/// imported unchanged, runs on `python-data`, and gives the same report as the standard-library
+/// conversation does on `python`: the same stdout and the same problems CSV, row for row (the
+/// bytes differ only in line endings: pandas' `to_csv` writes `\n`, `csv.writer` `\r\n`).
+#[tokio::test]
+async fn the_pandas_validator_conversation_runs_unchanged_and_matches_the_stdlib_one() {
+    if !present() {
+        return;
+    }
+    let fixtures = root().join("executor/tests/fixtures/conversations");
+    let csv_input = std::fs::read(fixtures.join("bulk_edit.csv")).unwrap();
+    let import = |file: &str, title: &'static str| {
+        let export = std::fs::read(fixtures.join(file)).unwrap();
+        async move {
+            stepbox::authoring::conversation::import(executor(), &export, Some(title))
+                .await
+                .unwrap()
+        }
+    };
+    let pandas = import(
+        "bulk-edit-pandas.conversations.json",
+        "Bulk Edit CSV Validator (pandas)",
+    )
+    .await;
+    let stdlib = import("conversations.json", "Bulk Edit CSV Validator").await;
+    assert_eq!(
+        pandas.runtime,
+        RuntimeKind::PythonData,
+        "{:?}",
+        pandas.notes
+    );
+    assert_eq!(stdlib.runtime, RuntimeKind::Python);
+    assert!(
+        pandas.unsupported_imports.is_empty(),
+        "{:?}",
+        pandas.unsupported_imports
+    );
+    let mut results = Vec::new();
+    for step in [&pandas, &stdlib] {
+        let mut job = step.job();
+        job.inputs = vec![input("bulk_edit.csv", csv_input.clone())];
+        let r = run(job).await;
+        assert_status(&r, Status::Succeeded);
+        results.push(r);
+    }
+    assert_eq!(out(&results[0]), "8 rows checked, 9 problems\n");
+    assert_eq!(out(&results[0]), out(&results[1]));
+    let rows = |r: &RunResult| -> Vec<Vec<String>> {
+        csv::Reader::from_reader(output(r, "bulk_edit_errors.csv"))
+            .records()
+            .map(|rec| rec.unwrap().iter().map(String::from).collect())
+            .collect()
+    };
+    let (p, s) = (rows(&results[0]), rows(&results[1]));
+    assert_eq!(p.len(), 9);
+    assert_eq!(p, s);
+}

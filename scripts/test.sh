@@ -16,4 +16,4 @@ if [[ "$STEPBOX_TEST_POSTGRES_DIR" != "$already" ]]; then
     trap 'bash scripts/postgres.sh stop "$STEPBOX_TEST_POSTGRES_DIR"' EXIT
 fi
 cargo test --workspace
-scripts/grpc-client-test.sh
+STEPBOX_BIN_BUILT=1 scripts/grpc-client-test.sh

@@ -631,49 +631,80 @@ fn node_event(event: pb::workflow_run_event::Event) -> Option<serde_json::Value>
     Some(serde_json::json!({ "node": { "id": id, "state": state, "class": class } }))
 }
 
+/// A run form posted from a page: whether the browser follows it live (NDJSON) or waits for the
+/// result page, and the signed-in session if any. Refusals answer in the same form.
+struct PageForm {
+    live: bool,
+    session: Option<Arc<Session>>,
+}
+
+impl PageForm {
+    fn new(app: &App, headers: &HeaderMap) -> PageForm {
+        PageForm {
+            live: headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains(NDJSON)),
+            session: app.sessions.get(headers),
+        }
+    }
+
+    /// `message` as JSON for a live page, else as an error page.
+    fn refuse(&self, app: &App, status: StatusCode, message: String) -> Response {
+        if self.live {
+            return json_error(status, message);
+        }
+        let nav = self.session.as_ref().map(|s| Nav {
+            tenant: &s.tenant.name,
+            csrf: &s.csrf,
+            signed_in: app.tenants.required(),
+        });
+        html(status, pages::error(nav.as_ref(), "Not run", &message))
+    }
+
+    /// Streams the upload to disk within the limits, checking the CSRF token first; answers
+    /// the session and what was received, or the refusal to send.
+    async fn receive(
+        &self,
+        app: &App,
+        headers: &HeaderMap,
+        multipart: Result<Multipart, MultipartRejection>,
+    ) -> Result<(Arc<Session>, upload::Received), Response> {
+        let multipart =
+            multipart.map_err(|e| self.refuse(app, StatusCode::BAD_REQUEST, e.body_text()))?;
+        // Without a session no token can match: a random one stands in, so the upload is still
+        // read (and thrown away) and the answer arrives intact.
+        let expected = match &self.session {
+            Some(s) if same_origin(headers) => s.csrf.clone(),
+            _ => crate::web::session::random_token(),
+        };
+        let received = upload::receive(
+            multipart,
+            &app.uploads,
+            app.upload_limits(),
+            Some(&expected),
+        )
+        .await
+        .map_err(|e| self.refuse(app, e.status(), e.to_string()))?;
+        let Some(session) = self.session.clone() else {
+            return Err(self.refuse(app, StatusCode::FORBIDDEN, UploadError::Csrf.to_string()));
+        };
+        Ok((session, received))
+    }
+}
+
 async fn run_workflow_from_page(
     State(app): State<App>,
     headers: HeaderMap,
     Path(name): Path<String>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    let live = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(NDJSON));
-    let session = app.sessions.get(&headers);
-    let refuse = |status: StatusCode, message: String| -> Response {
-        if live {
-            return json_error(status, message);
-        }
-        let nav = session.as_ref().map(|s| Nav {
-            tenant: &s.tenant.name,
-            csrf: &s.csrf,
-            signed_in: app.tenants.required(),
-        });
-        html(status, pages::error(nav.as_ref(), "Not run", &message))
-    };
-    let multipart = match multipart {
-        Ok(m) => m,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    let expected = match &session {
-        Some(s) if same_origin(&headers) => s.csrf.clone(),
-        _ => crate::web::session::random_token(),
-    };
-    let received = match upload::receive(
-        multipart,
-        &app.uploads,
-        app.upload_limits(),
-        Some(&expected),
-    )
-    .await
-    {
+    let form = PageForm::new(&app, &headers);
+    let refuse = |status: StatusCode, message: String| form.refuse(&app, status, message);
+    let live = form.live;
+    let (session, received) = match form.receive(&app, &headers, multipart).await {
         Ok(r) => r,
-        Err(e) => return refuse(e.status(), e.to_string()),
-    };
-    let Some(session) = session.clone() else {
-        return refuse(StatusCode::FORBIDDEN, UploadError::Csrf.to_string());
+        Err(r) => return r,
     };
     let tenant = session.tenant.clone();
     let workflow_ref = match &received.stage {
@@ -863,45 +894,12 @@ async fn run_from_page(
     Path(name): Path<String>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    let live = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(NDJSON));
-    let session = app.sessions.get(&headers);
-    let refuse = |status: StatusCode, message: String| -> Response {
-        if live {
-            return json_error(status, message);
-        }
-        let nav = session.as_ref().map(|s| Nav {
-            tenant: &s.tenant.name,
-            csrf: &s.csrf,
-            signed_in: app.tenants.required(),
-        });
-        html(status, pages::error(nav.as_ref(), "Not run", &message))
-    };
-    let multipart = match multipart {
-        Ok(m) => m,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    // Without a session no token can match: a random one stands in, so the upload is still
-    // read (and thrown away) and the answer arrives intact.
-    let expected = match &session {
-        Some(s) if same_origin(&headers) => s.csrf.clone(),
-        _ => crate::web::session::random_token(),
-    };
-    let received = match upload::receive(
-        multipart,
-        &app.uploads,
-        app.upload_limits(),
-        Some(&expected),
-    )
-    .await
-    {
+    let form = PageForm::new(&app, &headers);
+    let refuse = |status: StatusCode, message: String| form.refuse(&app, status, message);
+    let live = form.live;
+    let (session, received) = match form.receive(&app, &headers, multipart).await {
         Ok(r) => r,
-        Err(e) => return refuse(e.status(), e.to_string()),
-    };
-    let Some(session) = session.clone() else {
-        return refuse(StatusCode::FORBIDDEN, UploadError::Csrf.to_string());
+        Err(r) => return r,
     };
     let tenant = session.tenant.clone();
     let step_ref = match &received.stage {

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // A sandbox worker started by this same binary: no command line, no async runtime of ours.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(stepbox::sandbox::worker::WORKER_ARG.as_ref()) {
+        let config = args.next().unwrap_or_default();
+        return ExitCode::from(stepbox::sandbox::worker::main(&config.to_string_lossy()));
+    }
     let cli = stepbox::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

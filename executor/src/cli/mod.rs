@@ -72,9 +72,23 @@ pub struct GlobalArgs {
     /// The Python runtime component (default: next to the binary, or the checkout's build output).
     #[arg(long, global = true, env = "STEPBOX_PYTHON_COMPONENT")]
     pub python_component: Option<PathBuf>,
+    /// Where guests run: `workers` (default) runs them in sandbox worker processes compiled
+    /// without in-guest interruption checks, stopped at their wall time by killing the worker;
+    /// `in-process` runs them in this process with epoch checks (slower on Python code).
+    #[arg(long, global = true, env = "STEPBOX_ISOLATION", value_enum, default_value_t = IsolationArg::Workers)]
+    pub isolation: IsolationArg,
     /// Print progress and timings to stderr.
     #[arg(short, long, global = true)]
     pub verbose: bool,
+}
+
+/// `--isolation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsolationArg {
+    /// Worker processes (runs with fuel stay in-process).
+    Workers,
+    /// This process, with epoch checks.
+    InProcess,
 }
 
 /// Subcommands.
@@ -125,6 +139,11 @@ impl GlobalArgs {
             c.cache_dir = Some(d.clone());
         }
         c.python_component = self.python_component.clone();
+        if self.isolation == IsolationArg::Workers {
+            c.isolation = crate::executor::Isolation::Workers(
+                crate::sandbox::worker::WorkerOptions::current_exe()?,
+            );
+        }
         Ok(c)
     }
 }

@@ -112,7 +112,12 @@ impl ServeArgs {
             }
         }
 
-        let executor = std::sync::Arc::new(Executor::new(global.executor_config()?)?);
+        let mut executor_config = global.executor_config()?;
+        if let crate::executor::Isolation::Workers(w) = &mut executor_config.isolation {
+            // One idle worker per concurrent run: a burst up to the limit starts none.
+            w.max_idle = options.concurrency;
+        }
+        let executor = std::sync::Arc::new(Executor::new(executor_config)?);
         if let Err(e) = executor.warm_up().await {
             tracing::warn!(error = %e, "the python runtime is not ready; python jobs will be refused");
         }

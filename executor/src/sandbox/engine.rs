@@ -52,11 +52,23 @@ pub struct Prepared<T> {
     pub sha256: String,
 }
 
+/// How a run without fuel is stopped at its wall time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interruption {
+    /// Epoch checks compiled into the guest, ticked by a background thread: the guest can be
+    /// stopped in this process, at a cost of about a quarter more instructions on Python code.
+    Epochs,
+    /// No checks in the guest code: its process is killed from outside. Only for a worker
+    /// process ([`crate::sandbox::worker`]), whose parent enforces wall time and disk limits.
+    External,
+}
+
 /// Both engines, the ticker that drives their epochs, and the on-disk artifact cache. The one
 /// in-memory cache of compiled code is the runtimes' (linked, ready to instantiate).
 pub struct Engines {
     unmetered: Engine,
     metered: Engine,
+    interruption: Interruption,
     cache_dir: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
@@ -70,10 +82,12 @@ impl std::fmt::Debug for Engines {
     }
 }
 
-fn engine_config(fuel: bool) -> Config {
+fn engine_config(fuel: bool, interruption: Interruption) -> Config {
     let mut config = Config::new();
+    // A metered run keeps its epochs: fuel is counted in the guest, so it stays in-process.
+    let epochs = fuel || interruption == Interruption::Epochs;
     config
-        .epoch_interruption(true)
+        .epoch_interruption(epochs)
         .consume_fuel(fuel)
         .cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(MAX_WASM_STACK)
@@ -85,10 +99,18 @@ impl Engines {
     /// Builds both engines and starts the epoch ticker. `cache_dir` holds compiled runtime
     /// components across processes; `None` keeps them in memory only.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Engines> {
-        let unmetered = Engine::new(&engine_config(false))
+        Engines::with_interruption(cache_dir, Interruption::Epochs)
+    }
+
+    /// Builds both engines; runs without fuel are stopped as `interruption` says.
+    pub fn with_interruption(
+        cache_dir: Option<PathBuf>,
+        interruption: Interruption,
+    ) -> anyhow::Result<Engines> {
+        let unmetered = Engine::new(&engine_config(false, interruption))
             .map_err(anyhow::Error::from)
             .context("failed to create the wasmtime engine")?;
-        let metered = Engine::new(&engine_config(true))
+        let metered = Engine::new(&engine_config(true, interruption))
             .map_err(anyhow::Error::from)
             .context("failed to create the metered wasmtime engine")?;
         if let Some(dir) = &cache_dir {
@@ -114,6 +136,7 @@ impl Engines {
         Ok(Engines {
             unmetered,
             metered,
+            interruption,
             cache_dir,
             stop,
             ticker: Some(ticker),
@@ -123,6 +146,16 @@ impl Engines {
     /// The engine for runs with (`true`) or without fuel metering.
     pub fn engine(&self, fuel: bool) -> &Engine {
         if fuel { &self.metered } else { &self.unmetered }
+    }
+
+    /// Whether runs on the engine for `fuel` are interrupted in-process (epochs).
+    pub fn interrupts(&self, fuel: bool) -> bool {
+        fuel || self.interruption == Interruption::Epochs
+    }
+
+    /// How runs without fuel are stopped.
+    pub fn interruption(&self) -> Interruption {
+        self.interruption
     }
 
     /// The directory holding compiled artifacts, if any.

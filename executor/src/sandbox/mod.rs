@@ -14,3 +14,4 @@ pub mod outputs;
 pub mod pipe;
 pub mod run;
 pub mod runtime;
+pub mod worker;

@@ -6,9 +6,12 @@
 //! capped by a [`ResourceLimiter`] that records refusals, CPU by fuel (when metered), wall time and
 //! disk use by an epoch callback that runs every [`EPOCH_TICK`].
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -101,7 +104,9 @@ pub struct StepState {
     wasi: WasiP1Ctx,
     limiter: MemoryLimiter,
     deadline: Instant,
-    watch: DiskWatch,
+    limits: Limits,
+    /// The disk watch the epoch callback runs; `None` in a worker process, whose parent watches.
+    watch: Option<DiskWatch>,
     stop: Option<Stop>,
 }
 
@@ -149,6 +154,88 @@ impl wasmtime_wasi::HostMonotonicClock for CountingClock {
             .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
             + 1_000
     }
+}
+
+/// A directory the guest sees, as it crosses the worker boundary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunMount {
+    /// Host directory.
+    pub host: PathBuf,
+    /// Path the guest sees.
+    pub guest: String,
+    /// Whether the guest may write.
+    pub writable: bool,
+}
+
+/// Everything a Store takes from a job and its directory, in a form that can cross into a
+/// worker process ([`crate::sandbox::worker`]). Limits travel separately.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunParts {
+    /// `argv[0]`.
+    pub argv0: String,
+    /// `argv[1..]`.
+    pub args: Vec<String>,
+    /// The whole environment.
+    pub env: BTreeMap<String, String>,
+    /// The working directory inside the guest.
+    pub cwd: String,
+    /// Preopened directories, in order.
+    pub mounts: Vec<RunMount>,
+    /// The seed of a deterministic run (fixed clocks, seeded randomness).
+    pub deterministic: Option<u64>,
+}
+
+impl RunParts {
+    /// The parts of `job` in `dir`; `mounts` replaces `dir.mounts` when given.
+    pub fn of(job: &ValidJob, dir: &JobDir, mounts: Option<&[Mount]>, argv0: &str) -> RunParts {
+        let policy = &job.policy.file;
+        RunParts {
+            argv0: argv0.to_string(),
+            args: job.job.args.clone(),
+            env: job.env.clone(),
+            cwd: dir.cwd.to_string(),
+            mounts: mounts
+                .unwrap_or(&dir.mounts)
+                .iter()
+                .map(|m| RunMount {
+                    host: m.host.clone(),
+                    guest: m.guest.to_string(),
+                    writable: m.writable,
+                })
+                .collect(),
+            deterministic: policy.deterministic.then_some(policy.seed),
+        }
+    }
+}
+
+/// The disk watch of `dir`'s writable directories under `limits`.
+pub fn disk_watch(dir: &JobDir, limits: &Limits) -> DiskWatch {
+    let mut writable: Vec<_> = dir
+        .mounts
+        .iter()
+        .filter(|m| m.writable)
+        .map(|m| m.host.clone())
+        .collect();
+    writable.dedup();
+    DiskWatch::new(
+        writable,
+        dir.preexisting.0,
+        dir.preexisting.1,
+        limits.clone(),
+    )
+}
+
+/// The message of a run stopped at its wall-time limit.
+pub fn timed_out_message(limits: &Limits) -> String {
+    format!(
+        "the step ran past its wall-time limit of {}",
+        humantime::format_duration(limits.wall_time)
+    )
+}
+
+/// The message of a run stopped for what it wrote to disk.
+pub fn disk_message(kind: LimitKind, msg: &str) -> String {
+    format!("{msg} (limit `{kind}`); the step was stopped while writing")
 }
 
 /// What the guest's entry point returned.
@@ -208,86 +295,97 @@ impl Run {
         argv0: &str,
         listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
     ) -> anyhow::Result<Run> {
-        let limits: &Limits = &job.limits;
+        let parts = RunParts::of(job, dir, mounts, argv0);
+        let watch = disk_watch(dir, &job.limits);
+        Run::with_parts(
+            engines,
+            &parts,
+            &job.limits,
+            job.job.stdin.clone(),
+            Some(watch),
+            listener,
+        )
+    }
+
+    /// Builds the store from `parts`. With `watch`, and on an engine with epochs, the epoch
+    /// callback enforces the wall time and the disk limits; without, whoever runs the store
+    /// enforces them from outside (a worker's parent kills the process).
+    pub fn with_parts(
+        engines: &Engines,
+        parts: &RunParts,
+        limits: &Limits,
+        stdin: bytes::Bytes,
+        watch: Option<DiskWatch>,
+        listener: Option<tokio::sync::mpsc::UnboundedSender<OutputChunk>>,
+    ) -> anyhow::Result<Run> {
         let stdout = LimitedPipe::new(StreamKind::Stdout, limits.stdout_bytes, listener.clone());
         let stderr = LimitedPipe::new(StreamKind::Stderr, limits.stderr_bytes, listener);
 
         let mut b = WasiCtxBuilder::new();
-        b.stdin(MemoryInputPipe::new(job.job.stdin.clone()))
+        b.stdin(MemoryInputPipe::new(stdin))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .arg(argv0)
-            .args(&job.job.args)
-            .envs(&job.env.iter().collect::<Vec<_>>())
-            .initial_cwd(dir.cwd)
+            .arg(&parts.argv0)
+            .args(&parts.args)
+            .envs(&parts.env.iter().collect::<Vec<_>>())
+            .initial_cwd(&parts.cwd)
             // No network of any kind: these are wasmtime-wasi's defaults, stated so they stay so.
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
-        for m in mounts.unwrap_or(&dir.mounts) {
+        for m in &parts.mounts {
             let perms = if m.writable {
                 FsPerms::ReadWrite
             } else {
                 FsPerms::ReadOnly
             };
-            b.preopened_dir(&m.host, m.guest, perms)?;
+            b.preopened_dir(&m.host, &m.guest, perms)?;
         }
-        let policy = &job.policy.file;
-        if policy.deterministic {
-            b.secure_random(rand::rngs::StdRng::seed_from_u64(policy.seed))
-                .insecure_random(rand::rngs::StdRng::seed_from_u64(
-                    policy.seed.wrapping_add(1),
-                ))
-                .insecure_random_seed(u128::from(policy.seed))
+        if let Some(seed) = parts.deterministic {
+            b.secure_random(rand::rngs::StdRng::seed_from_u64(seed))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)))
+                .insecure_random_seed(u128::from(seed))
                 .wall_clock(FixedWallClock)
                 .monotonic_clock(CountingClock::default());
         }
 
-        let mut writable: Vec<_> = dir
-            .mounts
-            .iter()
-            .filter(|m| m.writable)
-            .map(|m| m.host.clone())
-            .collect();
-        writable.dedup();
-        let watch = DiskWatch::new(
-            writable,
-            dir.preexisting.0,
-            dir.preexisting.1,
-            limits.clone(),
-        );
+        let fuel = limits.fuel.is_some();
+        let interrupts = engines.interrupts(fuel);
         let state = StepState {
             wasi: b.build_p1(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             deadline: Instant::now() + limits.wall_time,
+            limits: limits.clone(),
             watch,
             stop: None,
         };
-        let mut store = Store::new(engines.engine(limits.fuel.is_some()), state);
+        let mut store = Store::new(engines.engine(fuel), state);
         store.limiter(|s| &mut s.limiter);
         if let Some(fuel) = limits.fuel {
             store.set_fuel(fuel)?;
         }
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| {
-            let state = ctx.data_mut();
-            if Instant::now() >= state.deadline {
-                state.stop = Some(Stop::WallTime);
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            if let Some((kind, msg)) = state.watch.check() {
-                state.stop = Some(Stop::Disk(kind, msg));
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            // Yield through tokio's `yield_now`, which defers the wake-up until the runtime has
-            // polled its timers and I/O: other jobs, deadlines and cancellation (a dropped future)
-            // get their turn once per tick even while this guest computes.
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
-        });
+        if interrupts {
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(|mut ctx| {
+                let state = ctx.data_mut();
+                if Instant::now() >= state.deadline {
+                    state.stop = Some(Stop::WallTime);
+                    return Ok(UpdateDeadline::Interrupt);
+                }
+                if let Some((kind, msg)) = state.watch.as_ref().and_then(DiskWatch::check) {
+                    state.stop = Some(Stop::Disk(kind, msg));
+                    return Ok(UpdateDeadline::Interrupt);
+                }
+                // Yield through tokio's `yield_now`, which defers the wake-up until the runtime
+                // has polled its timers and I/O: other jobs, deadlines and cancellation (a
+                // dropped future) get their turn once per tick even while this guest computes.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            });
+        }
         Ok(Run {
             store,
             stdout,
@@ -311,7 +409,7 @@ impl Run {
             .fuel
             .map(|f| f.saturating_sub(self.store.get_fuel().unwrap_or(0)));
         let state = self.store.into_data();
-        let limits = state.watch.limits();
+        let limits = &state.limits;
 
         let (stdout_truncated, stderr_truncated) =
             (self.stdout.overflowed(), self.stderr.overflowed());
@@ -326,13 +424,7 @@ impl Run {
         };
         // Host-side signals first: they explain the trap or failure that followed them.
         let (status, message) = if matches!(state.stop, Some(Stop::WallTime)) || exit.is_none() {
-            (
-                Status::TimedOut,
-                format!(
-                    "the step ran past its wall-time limit of {}",
-                    humantime::format_duration(limits.wall_time)
-                ),
-            )
+            (Status::TimedOut, timed_out_message(limits))
         } else if stdout_truncated {
             (
                 Status::OutputExceeded,
@@ -344,10 +436,7 @@ impl Run {
                 format!("stderr exceeded its limit of {} bytes", limits.stderr_bytes),
             )
         } else if let Some(Stop::Disk(kind, msg)) = &state.stop {
-            (
-                Status::OutputExceeded,
-                format!("{msg} (limit `{kind}`); the step was stopped while writing"),
-            )
+            (Status::OutputExceeded, disk_message(*kind, msg))
         } else if let Some(msg) = &state.limiter.refused {
             (Status::MemoryExceeded, msg.clone())
         } else if let Some(code) = exit_code {

@@ -24,5 +24,6 @@ mod story;
 mod telemetry;
 mod wasm;
 mod web;
+mod workers;
 mod workflow;
 mod workflow_grpc;

@@ -71,6 +71,49 @@ for _name in ("_strptime", "encodings.idna", "encodings.latin_1", "encodings.utf
     except BaseException:  # noqa: BLE001
         pass
 
+
+def _asyncio_without_self_pipe():
+    """Let asyncio's selector event loop run without its self-pipe on WASI.
+
+    `BaseSelectorEventLoop.__init__` opens a socket pair (the "self-pipe") that only serves to wake
+    the loop's `select()` from elsewhere: `call_soon_threadsafe` from another thread, and signal
+    numbers written by the C signal handler for `add_signal_handler`. The sandbox refuses sockets
+    (by design: no network at all), so creating any event loop failed. WASI has no threads (a
+    thread cannot start) and delivers no signals, so nothing can ever need to wake the loop: with
+    the one thread inside the loop, callbacks it schedules itself are seen on the next iteration,
+    and timers bound the selector's timeout as usual. So on WASI the loop gets no self-pipe:
+    `_ssock` and `_csock` stay None, `_read_from_self` is never registered, `_write_to_self`
+    already returns when `_csock` is None, and closing skips the pipe. `add_signal_handler` (which
+    hands `_csock` to `signal.set_wakeup_fd`) raises NotImplementedError, as on loops without
+    signal support; asyncio.run's own SIGINT handling uses `signal.signal` and is unaffected.
+    Sockets themselves stay refused.
+    """
+    if sys.platform != "wasi":
+        return
+    try:
+        from asyncio import selector_events, unix_events
+    except BaseException:  # noqa: BLE001 - no asyncio, nothing to patch
+        return
+    loop_class = selector_events.BaseSelectorEventLoop
+    close_self_pipe = loop_class._close_self_pipe
+
+    def _make_self_pipe(self):
+        self._ssock = self._csock = None
+
+    def _close_self_pipe(self):
+        if self._ssock is not None:  # a subclass's own self-pipe
+            close_self_pipe(self)
+
+    def add_signal_handler(self, sig, callback, *args):
+        raise NotImplementedError("asyncio signal handlers are not supported on WASI (no signals)")
+
+    loop_class._make_self_pipe = _make_self_pipe
+    loop_class._close_self_pipe = _close_self_pipe
+    unix_events._UnixSelectorEventLoop.add_signal_handler = add_signal_handler
+
+
+_asyncio_without_self_pipe()
+
 AVAILABLE_MODULES = frozenset(sys.modules)
 
 

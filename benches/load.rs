@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--concurrency 1,8,32] [--seconds 10] [--queue 64] [--addr HOST:PORT]
-//!                             [--traces] [--by-ref]
+//!                             [--traces] [--by-ref] [--workers]
 //! ```
 //! Without `--addr` the server runs in this process (its RSS is reported at the start and end of
 //! each level); with `--addr` it drives a running `stepbox serve`. Concurrency above the server's
@@ -16,6 +16,8 @@
 //! (`step_ref = "hello@prod"`), so the cost of a run by reference (the cached stage resolution,
 //! the job built from the stored definition, the version in the manifest) is a ratio within one
 //! run.
+//! `--workers` (in-process server only) runs the steps in sandbox worker processes, as
+//! `stepbox serve` does by default; without it they run in the server's process with epoch checks.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +44,7 @@ struct Args {
     addr: Option<SocketAddr>,
     traces: bool,
     by_ref: bool,
+    workers: bool,
 }
 
 fn args() -> Args {
@@ -52,6 +55,7 @@ fn args() -> Args {
         addr: None,
         traces: false,
         by_ref: false,
+        workers: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -74,6 +78,11 @@ fn args() -> Args {
             }
             "--by-ref" => {
                 a.by_ref = true;
+                i += 1;
+                continue;
+            }
+            "--workers" => {
+                a.workers = true;
                 i += 1;
                 continue;
             }
@@ -303,6 +312,16 @@ fn main() {
                 let exec = Executor::new(ExecutorConfig {
                     cache_dir: Some(root.join("target/bench-cache")),
                     python_component: Some(root.join("target/guest/python-runtime.wasm")),
+                    isolation: if a.workers {
+                        stepbox::executor::Isolation::Workers(
+                            stepbox::sandbox::worker::WorkerOptions {
+                                program: env!("CARGO_BIN_EXE_stepbox").into(),
+                                max_idle: ServerOptions::default().concurrency,
+                            },
+                        )
+                    } else {
+                        stepbox::executor::Isolation::InProcess
+                    },
                     ..ExecutorConfig::default()
                 })
                 .expect("executor");

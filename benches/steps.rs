@@ -3,18 +3,23 @@
 //!
 //! `cargo bench --bench steps`. Needs the Python component (`guest-runtime/python/build.sh`);
 //! the `python-data` cases run when that runtime is built (`guest-runtime/python-data/build.sh`).
+//! `*_worker` cases run the same steps in sandbox worker processes (`Isolation::Workers`, what
+//! `stepbox run` and `serve` use): no epoch checks, plus one round trip over the worker's pipes.
 //! Compare with native python3 in one run with `benches/compare_native.py`.
 
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use stepbox::executor::Isolation;
+use stepbox::sandbox::worker::WorkerOptions;
 use stepbox::{Executor, ExecutorConfig, RuntimeKind, Status, StepJob};
 
-fn executor() -> Executor {
+fn executor(isolation: Isolation) -> Executor {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     Executor::new(ExecutorConfig {
         cache_dir: Some(root.join("target/bench-cache")),
         python_component: Some(root.join("target/guest/python-runtime.wasm")),
+        isolation,
         ..ExecutorConfig::default()
     })
     .expect("executor builds (is the Python component built?)")
@@ -35,8 +40,12 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let exec = executor();
-    let run = |runtime: RuntimeKind, program: &[u8]| {
+    let exec = executor(Isolation::InProcess);
+    let workers = executor(Isolation::Workers(WorkerOptions {
+        program: env!("CARGO_BIN_EXE_stepbox").into(),
+        max_idle: 2,
+    }));
+    let run_on = |exec: &Executor, runtime: RuntimeKind, program: &[u8]| {
         let r = rt
             .block_on(exec.run(StepJob::new(runtime, program.to_vec())))
             .expect("accepted");
@@ -47,14 +56,20 @@ fn bench(c: &mut Criterion) {
             String::from_utf8_lossy(&r.stderr)
         );
     };
+    let run = |runtime: RuntimeKind, program: &[u8]| run_on(&exec, runtime, program);
+    let in_worker = |runtime: RuntimeKind, program: &[u8]| run_on(&workers, runtime, program);
     let (hello, heavy, tiny) = (step("hello.py"), step("cpu_heavy.py"), step("tiny.wat"));
     // Warm the caches: the first run compiles or loads the artifacts.
     run(RuntimeKind::Python, &hello);
     run(RuntimeKind::Wasm, &tiny);
+    in_worker(RuntimeKind::Python, &hello);
 
     let mut g = c.benchmark_group("step");
     g.bench_function("python_hello", |b| {
         b.iter(|| run(RuntimeKind::Python, &hello))
+    });
+    g.bench_function("python_hello_worker", |b| {
+        b.iter(|| in_worker(RuntimeKind::Python, &hello))
     });
     g.bench_function("wasm_tiny", |b| b.iter(|| run(RuntimeKind::Wasm, &tiny)));
     // A step that prints `pandas.__version__`: numpy and pandas come from the snapshot.
@@ -72,6 +87,9 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("python_cpu_heavy", |b| {
         b.iter(|| run(RuntimeKind::Python, &heavy))
+    });
+    g.bench_function("python_cpu_heavy_worker", |b| {
+        b.iter(|| in_worker(RuntimeKind::Python, &heavy))
     });
     g.finish();
 }

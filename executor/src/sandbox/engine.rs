@@ -92,6 +92,11 @@ fn engine_config(fuel: bool, interruption: Interruption) -> Config {
         .cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(MAX_WASM_STACK + (1 << 20));
+    if !epochs {
+        config
+            .compiler_inlining(wasmtime::Inlining::Yes)
+            .table_lazy_init(false);
+    }
     config
 }
 
@@ -243,7 +248,11 @@ impl Engines {
             .as_ref()
             .map(|dir| dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))));
         if let Some(path) = &disk
-            && let Some(m) = load_own(path, |bytes| deserialize_module(engine, bytes))?
+            && let Some(m) = load_own(path, |path| {
+                // SAFETY: as for `load_own_artifact`.
+                #[allow(unsafe_code)]
+                Ok(unsafe { Module::deserialize_file(engine, path) }?)
+            })?
         {
             return Ok(Prepared {
                 artifact: m,
@@ -341,13 +350,19 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Loads an artifact only if it is a regular file we own that nobody else can write: anything
 /// else in the cache directory is ignored (and recompiled over), never deserialised.
 fn load_own_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
-    load_own(path, |bytes| deserialize_component(engine, bytes))
+    load_own(path, |path| {
+        // SAFETY: `path` is a file of our private cache directory that passed `load_own`'s
+        // ownership and mode checks, i.e. one this program wrote (and only ever replaces by
+        // rename, never in place, so the mapping stays valid). wasmtime checks version and settings.
+        #[allow(unsafe_code)]
+        Ok(unsafe { Component::deserialize_file(engine, path) }?)
+    })
 }
 
 /// [`load_own_artifact`] for any kind of artifact `deserialize` makes.
 fn load_own<T>(
     path: &Path,
-    deserialize: impl FnOnce(&[u8]) -> anyhow::Result<T>,
+    deserialize: impl FnOnce(&Path) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<T>> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(None);
@@ -359,9 +374,9 @@ fn load_own<T>(
         tracing::warn!(path = %path.display(), "ignoring a cached artifact this program did not write");
         return Ok(None);
     }
-    let bytes = fs::read(path)
-        .with_context(|| format!("failed to read cached artifact `{}`", path.display()))?;
-    match deserialize(&bytes) {
+    // Mapped, not read: the code pages are shared with every other process (sandbox workers)
+    // that maps the same file, and loading does not copy tens of megabytes.
+    match deserialize(path) {
         Ok(c) => Ok(Some(c)),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "recompiling over an unusable cached artifact");

@@ -169,6 +169,15 @@ fn cache_from_name(s: &str) -> CacheSource {
 pub fn main(config: &str) -> u8 {
     match serve(config) {
         Ok(()) => 0,
+        // The parent went away (it exited, or dropped this worker): nothing left to do.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            0
+        }
         Err(e) => {
             eprintln!("stepbox sandbox worker: {e:#}");
             1

@@ -10,7 +10,7 @@
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -213,6 +213,19 @@ impl Engines {
                 sha256: hex,
             });
         }
+        // One compile per artifact across processes: whoever holds the lock compiles, the others
+        // wait and then load what it wrote.
+        let _lock = disk.as_deref().map(lock_artifact).transpose()?;
+        if let Some(path) = &disk
+            && let Some(c) = load_own_artifact(engine, path)?
+        {
+            return Ok(Prepared {
+                artifact: c,
+                source: CacheSource::Disk,
+                duration: start.elapsed(),
+                sha256: hex,
+            });
+        }
         let bytes = engine.precompile_component(wasm)?;
         if let Some(path) = &disk {
             // The cache is an optimisation: failing to write it must not fail the run.
@@ -247,12 +260,26 @@ impl Engines {
             .cache_dir
             .as_ref()
             .map(|dir| dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))));
-        if let Some(path) = &disk
-            && let Some(m) = load_own(path, |path| {
+        let load = |path: &Path| {
+            load_own(path, |path| {
                 // SAFETY: as for `load_own_artifact`.
                 #[allow(unsafe_code)]
                 Ok(unsafe { Module::deserialize_file(engine, path) }?)
-            })?
+            })
+        };
+        if let Some(path) = &disk
+            && let Some(m) = load(path)?
+        {
+            return Ok(Prepared {
+                artifact: m,
+                source: CacheSource::Disk,
+                duration: start.elapsed(),
+                sha256: hex,
+            });
+        }
+        let _lock = disk.as_deref().map(lock_artifact).transpose()?;
+        if let Some(path) = &disk
+            && let Some(m) = load(path)?
         {
             return Ok(Prepared {
                 artifact: m,
@@ -302,6 +329,23 @@ fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool) -> String {
     h.update([u8::from(fuel)]);
     h.update(compat.finish().to_le_bytes());
     hex::encode(h.finalize())
+}
+
+/// Takes the exclusive lock of the artifact at `path` (a `.lock` file beside it), waiting for a
+/// process that holds it: on a cold cache, several processes starting at once (the workers of
+/// several `stepbox run`s, a test suite) compile each artifact once instead of all together.
+fn lock_artifact(path: &Path) -> anyhow::Result<fs::File> {
+    let lock = path.with_extension("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock)
+        .with_context(|| format!("failed to open the cache lock `{}`", lock.display()))?;
+    file.lock()
+        .with_context(|| format!("failed to lock `{}`", lock.display()))?;
+    Ok(file)
 }
 
 /// Creates `dir` (mode 0700) if needed and checks that only we can write to it.
@@ -419,6 +463,36 @@ mod tests {
     }
 
     #[test]
+    fn processes_starting_at_once_compile_an_artifact_once() {
+        // Separate `Engines` stand for separate processes sharing one cache directory (the lock
+        // is a file lock, which excludes other open files in this process too). Two at once on
+        // the engine with epochs and the one without alike: exactly one compiles.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let wasm = wat::parse_str(WAT).unwrap();
+        let digest = sha256(&wasm);
+        for interruption in [Interruption::Epochs, Interruption::External] {
+            let sources: Vec<CacheSource> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (wasm, cache) = (&wasm, cache.clone());
+                        s.spawn(move || {
+                            let e = Engines::with_interruption(Some(cache), interruption).unwrap();
+                            e.component(wasm, &digest, false, true).unwrap().source
+                        })
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            let compiled = sources
+                .iter()
+                .filter(|s| **s == CacheSource::Compiled)
+                .count();
+            assert_eq!(compiled, 1, "{interruption:?}: {sources:?}");
+        }
+    }
+
+    #[test]
     fn components_are_cached_in_memory_and_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
@@ -456,8 +530,17 @@ mod tests {
                 .source,
             CacheSource::Compiled
         );
-        let files: Vec<_> = fs::read_dir(&cache).unwrap().collect();
-        assert_eq!(files.len(), 2);
+        let artifacts = fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "cwasm")
+            })
+            .count();
+        assert_eq!(artifacts, 2);
         drop(engines);
 
         let engines = Engines::new(Some(cache.clone())).unwrap();
@@ -480,10 +563,9 @@ mod tests {
         engines.component(&wasm, &digest, false, true).unwrap();
         let file = fs::read_dir(&cache)
             .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
         drop(engines);
         let engines = Engines::new(Some(cache.clone())).unwrap();

@@ -35,7 +35,7 @@ pub enum Isolation {
     InProcess,
     /// Runs without fuel go to worker processes compiled without those checks (about a fifth
     /// faster on Python code) and are stopped by killing the worker
-    /// ([`crate::sandbox::worker`]); runs with fuel stay in this process.
+    /// ([`crate::sandbox::worker`]); runs with fuel, and `python-data` runs, stay in this process.
     Workers(WorkerOptions),
 }
 
@@ -120,7 +120,6 @@ impl Executor {
                 WorkerConfig {
                     cache_dir: engines.cache_dir().map(PathBuf::from),
                     python_component: runtimes.python_component().map(PathBuf::from),
-                    python_data_dir: runtimes.python_data_dir().map(|d| d.root().to_path_buf()),
                 },
             )),
         };
@@ -207,7 +206,11 @@ impl Executor {
         let job = job.validate(&self.policies)?;
         let limits = job.limits.clone();
         let fuel = limits.fuel.is_some();
-        let place = match (self.workers.as_ref().filter(|_| !fuel), job.job.runtime) {
+        // `python-data` stays in-process: its 160 MB module compiled with the workers' inlining
+        // takes tens of GB and many minutes (a worker engine without inlining would be a second
+        // multi-minute compile of it).
+        let in_worker = !fuel && job.job.runtime != RuntimeKind::PythonData;
+        let place = match (self.workers.as_ref().filter(|_| in_worker), job.job.runtime) {
             // The worker prepares; refuse here what it could only refuse later.
             (Some(pool), kind) => {
                 self.runtimes.availability(kind).map_err(|reason| {

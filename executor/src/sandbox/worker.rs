@@ -76,8 +76,6 @@ pub struct WorkerConfig {
     pub cache_dir: Option<PathBuf>,
     /// The Python component.
     pub python_component: Option<PathBuf>,
-    /// The `python-data` runtime directory.
-    pub python_data_dir: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -308,7 +306,12 @@ async fn run_job(
         .map_err(|e| anyhow::anyhow!("unknown runtime from the parent: {e}"))?;
     let prepared = match runtime {
         RuntimeKind::Python => runtimes.python(false).await,
-        RuntimeKind::PythonData => runtimes.python_data(false).await,
+        // Compiling its 160 MB module with this engine's inlining takes tens of GB: the
+        // executor keeps `python-data` in-process, and a worker refuses it.
+        RuntimeKind::PythonData => Err(JobError::RuntimeUnavailable {
+            runtime,
+            reason: "python-data runs in the server's process, not in sandbox workers".into(),
+        }),
         RuntimeKind::Wasm => runtimes.wasm(&program, false).await,
     };
     let mut prepared = match prepared {
@@ -695,14 +698,8 @@ impl WorkerPool {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // The worker looks for `python-data` where the parent found it, and nowhere else.
-        cmd.env(
-            crate::sandbox::data::PYTHON_DATA_DIR_ENV,
-            self.config
-                .python_data_dir
-                .as_deref()
-                .unwrap_or("".as_ref()),
-        );
+        // The worker never runs `python-data`: it does not even look for it.
+        cmd.env(crate::sandbox::data::PYTHON_DATA_DIR_ENV, "");
         let mut child = cmd.spawn().with_context(|| {
             format!(
                 "failed to start a sandbox worker `{}`",

@@ -91,7 +91,8 @@ async fn a_step_runs_in_a_worker_like_in_process() {
     assert_eq!(streamed, r.stdout.to_vec());
     assert_eq!(out(&r), "0\n1\n2\n3\n4\n");
 
-    // A run with fuel stays in-process (fuel is counted in the guest) and reports it.
+    // A run with fuel stays in-process (fuel is counted in the guest) and reports it; so does
+    // every deterministic run (a deterministic policy must meter fuel).
     let f = wrun(with_limits(
         py("print(sum(range(1000)))"),
         &["fuel=5000000000"],
@@ -99,58 +100,6 @@ async fn a_step_runs_in_a_worker_like_in_process() {
     .await;
     assert_status(&f, Status::Succeeded);
     assert!(f.usage.fuel_consumed.is_some_and(|n| n > 0));
-}
-
-#[tokio::test]
-async fn a_deterministic_policy_without_fuel_is_deterministic_in_a_worker() {
-    // The shipped `deterministic` policy meters fuel, so it runs in-process; a policy that is
-    // deterministic without fuel runs in a worker and must give the same bytes.
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    let shipped = root().join("sandbox-policies");
-    std::fs::copy(shipped.join("default.toml"), policies.join("default.toml")).unwrap();
-    let det = std::fs::read_to_string(shipped.join("deterministic.toml")).unwrap();
-    let unmetered: String = det
-        .lines()
-        .filter(|l| !l.starts_with("fuel"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(policies.join("det-unmetered.toml"), unmetered).unwrap();
-    let config = |isolation| ExecutorConfig {
-        work_root: dir.path().join("work"),
-        cache_dir: Some(cache_dir()),
-        python_component: Some(python_component()),
-        policies: stepbox::PolicySet::load_dir(&policies).unwrap(),
-        isolation,
-    };
-    let here = Executor::new(config(Isolation::InProcess)).unwrap();
-    let there = Executor::new(config(Isolation::Workers(WorkerOptions {
-        program: env!("CARGO_BIN_EXE_stepbox").into(),
-        max_idle: 1,
-    })))
-    .unwrap();
-    let mut job =
-        py("import random, time, os\nprint(random.random(), time.time(), os.urandom(4).hex())\n");
-    job.policy = "det-unmetered".into();
-    let (a, b, c) = (
-        here.run(job.clone()).await.unwrap(),
-        there.run(job.clone()).await.unwrap(),
-        there.run(job).await.unwrap(),
-    );
-    assert_status(&b, Status::Succeeded);
-    assert_eq!(b.usage.fuel_consumed, None, "ran in a worker");
-    assert_eq!(there.workers().unwrap().spawned(), 1);
-    assert!(
-        out(&b).starts_with("0.") && out(&b).contains(" 946684800"),
-        "{}",
-        out(&b)
-    );
-    assert_eq!(
-        (out(&a), out(&c)),
-        (out(&b), out(&b)),
-        "same seed, same clock"
-    );
 }
 
 #[tokio::test]

@@ -250,11 +250,19 @@ fn serve(config: &str) -> anyhow::Result<()> {
             },
         ),
     )?;
+    let helpers = Helpers::start(&out)?;
     while let Some((tag, payload)) = read_frame(&mut input)? {
         if tag != JOB {
             bail!("unexpected frame tag {tag} from the parent");
         }
-        rt.block_on(run_job(&engines, &runtimes, &out, payload, &mut loaded))?;
+        rt.block_on(run_job(
+            &engines,
+            &runtimes,
+            &helpers,
+            &out,
+            payload,
+            &mut loaded,
+        ))?;
     }
     Ok(())
 }
@@ -291,9 +299,63 @@ fn refused_frame(e: &JobError) -> RefusedFrame {
     }
 }
 
+/// The worker's two long-lived helper threads: one forwards each job's output to the parent, one
+/// ends the process if a job runs well past its wall time (the parent is gone, or stuck).
+struct Helpers {
+    forward: std::sync::mpsc::Sender<(
+        tokio::sync::mpsc::UnboundedReceiver<OutputChunk>,
+        std::sync::mpsc::Sender<()>,
+    )>,
+    deadline: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Helpers {
+    fn start(out: &Out) -> anyhow::Result<Helpers> {
+        let (forward, jobs) = std::sync::mpsc::channel::<(
+            tokio::sync::mpsc::UnboundedReceiver<OutputChunk>,
+            std::sync::mpsc::Sender<()>,
+        )>();
+        let out = out.clone();
+        std::thread::Builder::new()
+            .name("stepbox-worker-out".into())
+            .spawn(move || {
+                for (mut rx, drained) in jobs {
+                    let mut broken = false;
+                    while let Some(c) = rx.blocking_recv() {
+                        let kind = [u8::from(c.stream == StreamKind::Stderr)];
+                        if !broken && send(&out, &frame(CHUNK, &[&kind, &c.data])).is_err() {
+                            broken = true; // the parent is gone; keep draining
+                        }
+                    }
+                    let _ = drained.send(());
+                }
+            })?;
+        let deadline: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let watched = deadline.clone();
+        std::thread::Builder::new()
+            .name("stepbox-worker-watchdog".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let d = *watched.lock().unwrap_or_else(|e| e.into_inner());
+                    if d.is_some_and(|d| Instant::now() > d) {
+                        eprintln!("stepbox sandbox worker: job past its wall time; exiting");
+                        std::process::exit(3);
+                    }
+                }
+            })?;
+        Ok(Helpers { forward, deadline })
+    }
+
+    fn arm(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+    }
+}
+
 async fn run_job(
     engines: &Engines,
     runtimes: &Runtimes,
+    helpers: &Helpers,
     out: &Out,
     payload: Vec<u8>,
     loaded: &mut Option<(CacheSource, Duration)>,
@@ -338,7 +400,7 @@ async fn run_job(
     {
         (prepared.cache, prepared.duration) = (cache, duration);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
     let mut run = match Run::with_parts(engines, &header.parts, &limits, stdin, None, Some(tx)) {
         Ok(r) => r,
         Err(e) => {
@@ -347,20 +409,12 @@ async fn run_job(
             return Ok(());
         }
     };
-    // Chunks go out from their own thread: the guest runs on this one without ever yielding.
-    let forwarder = {
-        let out = out.clone();
-        std::thread::Builder::new()
-            .name("stepbox-worker-out".into())
-            .spawn(move || {
-                while let Some(c) = rx.blocking_recv() {
-                    let kind = [u8::from(c.stream == StreamKind::Stderr)];
-                    if send(&out, &frame(CHUNK, &[&kind, &c.data])).is_err() {
-                        break;
-                    }
-                }
-            })?
-    };
+    // Chunks go out from the forwarder thread: the guest runs on this one without yielding.
+    let (drained_tx, drained) = std::sync::mpsc::channel();
+    helpers
+        .forward
+        .send((rx, drained_tx))
+        .map_err(|_| anyhow::anyhow!("the output forwarder thread is gone"))?;
     send(
         out,
         &json_frame(
@@ -373,23 +427,7 @@ async fn run_job(
         ),
     )?;
     // The parent kills this process at the wall time; if the parent is gone, end ourselves.
-    let finished = Arc::new(AtomicBool::new(false));
-    {
-        let finished = finished.clone();
-        let limit = wall_time + SELF_KILL_GRACE;
-        std::thread::Builder::new()
-            .name("stepbox-worker-watchdog".into())
-            .spawn(move || {
-                let start = Instant::now();
-                while !finished.load(Ordering::Relaxed) {
-                    if start.elapsed() > limit {
-                        eprintln!("stepbox sandbox worker: job past its wall time; exiting");
-                        std::process::exit(3);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })?;
-    }
+    helpers.arm(Some(Instant::now() + wall_time + SELF_KILL_GRACE));
     let source = match runtime {
         RuntimeKind::Python | RuntimeKind::PythonData => {
             std::str::from_utf8(&program).unwrap_or_default()
@@ -410,9 +448,10 @@ async fn run_job(
         .run(&mut run.store, &call, &mut instantiate)
         .await;
     let ending = run.finish(Some(exit));
-    finished.store(true, Ordering::Relaxed);
-    // `finish` dropped the store and its pipes, so the forwarder has every chunk and ends.
-    let _ = forwarder.join();
+    helpers.arm(None);
+    // `finish` dropped the store and its pipes, so the forwarder sees the channel close once it
+    // has sent every chunk.
+    let _ = drained.recv();
     send(
         out,
         &json_frame(

@@ -195,8 +195,6 @@ impl Engines {
         fuel: bool,
         persist: bool,
     ) -> anyhow::Result<Prepared<Component>> {
-        let start = Instant::now();
-        let hex = hex::encode(digest);
         let engine = self.engine(fuel);
         let disk = match (&self.cache_dir, persist) {
             (Some(dir), true) => {
@@ -204,44 +202,51 @@ impl Engines {
             }
             _ => None,
         };
-        if let Some(path) = &disk
-            && let Some(c) = load_own_artifact(engine, path)?
-        {
-            return Ok(Prepared {
-                artifact: c,
-                source: CacheSource::Disk,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
-        // One compile per artifact across processes: whoever holds the lock compiles, the others
-        // wait and then load what it wrote.
-        let _lock = disk.as_deref().map(lock_artifact).transpose()?;
-        if let Some(path) = &disk
-            && let Some(c) = load_own_artifact(engine, path)?
-        {
-            return Ok(Prepared {
-                artifact: c,
-                source: CacheSource::Disk,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
-        let bytes = engine.precompile_component(wasm)?;
-        if let Some(path) = &disk {
-            // The cache is an optimisation: failing to write it must not fail the run.
-            if let Err(e) = write_private_file(path, &bytes) {
-                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache compiled component");
-            }
-        }
-        let c = deserialize_component(engine, &bytes)?;
-        Ok(Prepared {
-            artifact: c,
-            source: CacheSource::Compiled,
-            duration: start.elapsed(),
-            sha256: hex,
-        })
+        cached(
+            disk,
+            digest,
+            |path| load_own_artifact(engine, path),
+            || Ok(engine.precompile_component(wasm)?),
+            |bytes| deserialize_component(engine, bytes),
+        )
     }
+}
+
+/// The artifact at `disk` when this program wrote it there, else `compile`d (and written there).
+/// One compile per artifact across processes: whoever holds the lock beside it compiles, the
+/// others wait and then load what it wrote.
+fn cached<T>(
+    disk: Option<PathBuf>,
+    digest: &[u8; 32],
+    load: impl Fn(&Path) -> anyhow::Result<Option<T>>,
+    compile: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+    deserialize: impl FnOnce(&[u8]) -> anyhow::Result<T>,
+) -> anyhow::Result<Prepared<T>> {
+    let start = Instant::now();
+    let done = |artifact: T, source: CacheSource| Prepared {
+        artifact,
+        source,
+        duration: start.elapsed(),
+        sha256: hex::encode(digest),
+    };
+    let mut _lock = None;
+    if let Some(path) = &disk {
+        if let Some(a) = load(path)? {
+            return Ok(done(a, CacheSource::Disk));
+        }
+        _lock = Some(lock_artifact(path)?);
+        if let Some(a) = load(path)? {
+            return Ok(done(a, CacheSource::Disk));
+        }
+    }
+    let bytes = compile()?;
+    if let Some(path) = &disk
+        && let Err(e) = write_private_file(path, &bytes)
+    {
+        // The cache is an optimisation: failing to write it must not fail the run.
+        tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled artifact");
+    }
+    Ok(done(deserialize(&bytes)?, CacheSource::Compiled))
 }
 
 impl Engines {
@@ -254,54 +259,24 @@ impl Engines {
         digest: &[u8; 32],
         fuel: bool,
     ) -> anyhow::Result<Prepared<Module>> {
-        let start = Instant::now();
-        let hex = hex::encode(digest);
         let engine = self.engine(fuel);
         let disk = self
             .cache_dir
             .as_ref()
             .map(|dir| dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))));
-        let load = |path: &Path| {
-            load_own(path, |path| {
-                // SAFETY: as for `load_own_artifact`.
-                #[allow(unsafe_code)]
-                Ok(unsafe { Module::deserialize_file(engine, path) }?)
-            })
-        };
-        if let Some(path) = &disk
-            && let Some(m) = load(path)?
-        {
-            return Ok(Prepared {
-                artifact: m,
-                source: CacheSource::Disk,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
-        let _lock = disk.as_deref().map(lock_artifact).transpose()?;
-        if let Some(path) = &disk
-            && let Some(m) = load(path)?
-        {
-            return Ok(Prepared {
-                artifact: m,
-                source: CacheSource::Disk,
-                duration: start.elapsed(),
-                sha256: hex,
-            });
-        }
-        let bytes = engine.precompile_module(wasm)?;
-        if let Some(path) = &disk
-            && let Err(e) = write_private_file(path, &bytes)
-        {
-            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache compiled module");
-        }
-        let m = deserialize_module(engine, &bytes)?;
-        Ok(Prepared {
-            artifact: m,
-            source: CacheSource::Compiled,
-            duration: start.elapsed(),
-            sha256: hex,
-        })
+        cached(
+            disk,
+            digest,
+            |path| {
+                load_own(path, |path| {
+                    // SAFETY: as for `load_own_artifact`.
+                    #[allow(unsafe_code)]
+                    Ok(unsafe { Module::deserialize_file(engine, path) }?)
+                })
+            },
+            || Ok(engine.precompile_module(wasm)?),
+            |bytes| deserialize_module(engine, bytes),
+        )
     }
 }
 

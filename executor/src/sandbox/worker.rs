@@ -853,21 +853,24 @@ impl WorkerPool {
         let (mut worker, mut io, started) = loop {
             attempt += 1;
             let mut w = self.take().await.map_err(JobError::Internal)?;
-            let answer = match w.attach() {
-                Ok(mut io) => match io.tx.write_all(&request).await {
-                    Ok(()) => io.reader.next().await.map(|f| (io, f)),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
+            // The job sent and the worker's first answer, or why there is none (it is gone).
+            let answer = async {
+                let mut io = w.attach()?;
+                io.tx.write_all(&request).await?;
+                match io.reader.next().await? {
+                    Some(frame) => Ok((io, frame)),
+                    None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                }
+            }
+            .await;
             match answer {
-                Ok((io, Some((STARTED, p)))) => {
+                Ok((io, (STARTED, p))) => {
                     let s: StartedFrame =
                         serde_json::from_slice(&p).map_err(|e| JobError::Internal(e.into()))?;
                     busy.set(w.pid());
                     break (w, io, s);
                 }
-                Ok((io, Some((REFUSED, p)))) => {
+                Ok((io, (REFUSED, p))) => {
                     if w.detach(io).is_ok() {
                         self.give_back(w);
                     }
@@ -885,22 +888,11 @@ impl WorkerPool {
                         _ => JobError::Internal(anyhow::anyhow!("{}", r.reason)),
                     });
                 }
-                Ok((io, Some((tag, _)))) => {
+                Ok((io, (tag, _))) => {
                     drop(io);
                     w.kill().await;
                     return Err(JobError::Internal(anyhow::anyhow!(
                         "the sandbox worker sent frame {tag} instead of STARTED"
-                    )));
-                }
-                Ok((io, None)) => {
-                    drop(io);
-                    let how = w.kill().await;
-                    if attempt < 2 {
-                        tracing::warn!(how = %how, "sandbox worker gone before its job started; retrying with a new one");
-                        continue;
-                    }
-                    return Err(JobError::Internal(anyhow::anyhow!(
-                        "the sandbox worker exited while preparing the job ({how})"
                     )));
                 }
                 Err(_) => {

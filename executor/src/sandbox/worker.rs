@@ -806,7 +806,7 @@ impl WorkerPool {
             idle.push(w);
         } else {
             drop(idle);
-            // Close its pipe: the worker ends on EOF; the drop reaps it.
+            // Surplus or worn out: the drop kills and reaps it.
             drop(w);
         }
     }

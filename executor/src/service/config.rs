@@ -300,9 +300,11 @@ pub struct TenantConfig {
 }
 
 /// The variables that are not overrides.
-/// `STEPBOX_SERVER` and `STEPBOX_TOKEN` are the CLI's (`--server`, its bearer token).
+/// `STEPBOX_SERVER` and `STEPBOX_TOKEN` are the CLI's (`--server`, its bearer token);
+/// `STEPBOX_ISOLATION` is `--isolation`'s.
 const RESERVED: &[&str] = &[
     "STEPBOX_CONFIG",
+    "STEPBOX_ISOLATION",
     "STEPBOX_LOG",
     "STEPBOX_MODEL",
     "STEPBOX_SERVER",
@@ -608,7 +610,11 @@ mod tests {
         // Other tools share the prefix: a variable that names no key is reported, not fatal.
         let c = Config::load(
             None,
-            vars(&[("STEPBOX_WORKROOT", "/x"), ("STEPBOX_BIN", "/bin/x")]),
+            vars(&[
+                ("STEPBOX_WORKROOT", "/x"),
+                ("STEPBOX_BIN", "/bin/x"),
+                ("STEPBOX_ISOLATION", "in-process"), // `--isolation`'s, not a key: no warning
+            ]),
         )
         .unwrap();
         assert_eq!(c.warnings.len(), 2);

@@ -1,12 +1,12 @@
 //! What a run ends with: one [`Status`], the step's streams and files, and what it used.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::job::limits::Limits;
 pub use crate::job::status::Status;
 
 /// Where a run's compiled code came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheSource {
     /// Already loaded in this process.

@@ -159,11 +159,6 @@ impl Engines {
         fuel || self.interruption == Interruption::Epochs
     }
 
-    /// How runs without fuel are stopped.
-    pub fn interruption(&self) -> Interruption {
-        self.interruption
-    }
-
     /// The directory holding compiled artifacts, if any.
     pub fn cache_dir(&self) -> Option<&Path> {
         self.cache_dir.as_deref()

@@ -99,7 +99,7 @@ struct ReadyFrame {
 
 #[derive(Serialize, Deserialize)]
 struct StartedFrame {
-    cache: String,
+    cache: CacheSource,
     compile_us: u64,
     runtime_sha256: String,
 }
@@ -141,22 +141,6 @@ fn frame(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 fn json_frame<T: Serialize>(tag: u8, value: &T) -> Vec<u8> {
     frame(tag, &[&serde_json::to_vec(value).unwrap_or_default()])
-}
-
-fn cache_name(c: CacheSource) -> &'static str {
-    match c {
-        CacheSource::Memory => "memory",
-        CacheSource::Disk => "disk",
-        CacheSource::Compiled => "compiled",
-    }
-}
-
-fn cache_from_name(s: &str) -> CacheSource {
-    match s {
-        "disk" => CacheSource::Disk,
-        "compiled" => CacheSource::Compiled,
-        _ => CacheSource::Memory,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,7 +404,7 @@ async fn run_job(
         &json_frame(
             STARTED,
             &StartedFrame {
-                cache: cache_name(prepared.cache).into(),
+                cache: prepared.cache,
                 compile_us: micros(prepared.duration),
                 runtime_sha256: prepared.runtime_sha256.clone(),
             },
@@ -955,7 +939,7 @@ impl WorkerPool {
                                 wall_time: Duration::from_micros(d.wall_time_us),
                             },
                             instantiate: Duration::from_micros(d.instantiate_us),
-                            cache: cache_from_name(&started.cache),
+                            cache: started.cache,
                             compile: Duration::from_micros(started.compile_us),
                             runtime_sha256: started.runtime_sha256,
                         });
@@ -996,7 +980,7 @@ impl WorkerPool {
                 wall_time,
             },
             instantiate: Duration::ZERO,
-            cache: cache_from_name(&started.cache),
+            cache: started.cache,
             compile: Duration::from_micros(started.compile_us),
             runtime_sha256: started.runtime_sha256,
         })

@@ -14,4 +14,6 @@ pub mod outputs;
 pub mod pipe;
 pub mod run;
 pub mod runtime;
+#[cfg(target_os = "linux")]
+pub mod seccomp;
 pub mod worker;

@@ -13,8 +13,10 @@
 //! fuel is counted in the guest anyway.
 //!
 //! The worker is a second wall around wasmtime: it starts with an empty environment and no
-//! new privileges, in `/`, with only the protocol pipes; a crash in it (a wasmtime bug, the
-//! kernel's OOM killer) ends that one job as `TRAPPED` instead of the server.
+//! new privileges, in `/`, with only the protocol pipes, and before it says READY it installs a
+//! seccomp filter on all its threads (no sockets, programs, processes, ptrace or mounts: see
+//! [`crate::sandbox::seccomp`]); a crash in it (a wasmtime bug, the kernel's OOM killer) ends
+//! that one job as `TRAPPED` instead of the server.
 //!
 //! The protocol is length-prefixed frames over the worker's stdin and stdout: `[u32 LE length]
 //! [u8 tag][payload]`. The parent sends `JOB`; the worker answers `READY` once at start, then per
@@ -224,6 +226,13 @@ fn serve(config: &str) -> anyhow::Result<()> {
         Ok(p) => (Some((p.cache, p.duration)), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    let helpers = Helpers::start(&out)?;
+    // Everything the worker opens or starts for itself is open or started: from here on no thread
+    // of it may open a socket, run a program or start a process (see `seccomp`). A worker that
+    // cannot install the filter never says READY, and the parent reports its start as failed.
+    #[cfg(target_os = "linux")]
+    crate::sandbox::seccomp::install_worker_filter()
+        .context("failed to install the worker's seccomp filter")?;
     send(
         &out,
         &json_frame(
@@ -234,7 +243,6 @@ fn serve(config: &str) -> anyhow::Result<()> {
             },
         ),
     )?;
-    let helpers = Helpers::start(&out)?;
     while let Some((tag, payload)) = read_frame(&mut input)? {
         if tag != JOB {
             bail!("unexpected frame tag {tag} from the parent");

@@ -285,7 +285,7 @@ async fn a_cancelled_run_kills_its_worker_and_leaves_no_files() {
 }
 
 #[tokio::test]
-async fn a_worker_has_no_environment_and_no_new_privileges() {
+async fn a_worker_has_no_environment_no_new_privileges_and_a_seccomp_filter() {
     let pool = workers().workers().unwrap();
     pool.prewarm().await.unwrap();
     let pid = *pool.idle_pids().first().expect("an idle worker");
@@ -306,6 +306,29 @@ async fn a_worker_has_no_environment_and_no_new_privileges() {
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     assert_eq!(cwd, Path::new("/"));
+    // A seccomp filter (mode 2), on every thread: the helper threads started before it was
+    // installed too (TSYNC), not only the main thread that installed it.
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .collect();
+    assert!(tasks.len() >= 3, "main thread and two helpers: {tasks:?}");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert!(
+            status.contains("Seccomp:\t2\n"),
+            "{}: {status}",
+            task.display()
+        );
+        let filters: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .unwrap_or_else(|| panic!("no Seccomp_filters line: {status}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(filters >= 1, "{}: {status}", task.display());
+    }
 }
 
 #[tokio::test]

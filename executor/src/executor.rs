@@ -339,6 +339,8 @@ impl Executor {
                 instantiate_us: micros(instantiate),
                 output_files: scan.files,
                 output_bytes: scan.bytes,
+                scratch_files: scan.scratch_files,
+                scratch_bytes: scan.scratch_bytes,
             },
             limits,
             policy: job.policy.name.clone(),

@@ -366,6 +366,8 @@ fn run_result(r: pb::RunStepResponse) -> anyhow::Result<RunResult> {
         stderr_bytes: l.max_stderr_bytes,
         output_files: l.max_output_files,
         output_bytes: l.max_output_bytes,
+        scratch_files: l.max_scratch_files,
+        scratch_bytes: l.max_scratch_bytes,
     };
     let digests = |d: Vec<pb::FileDigest>| {
         d.into_iter()
@@ -444,6 +446,8 @@ fn run_result(r: pb::RunStepResponse) -> anyhow::Result<RunResult> {
             instantiate_us: u.instantiate_us,
             output_files: u.output_files,
             output_bytes: u.output_bytes,
+            scratch_files: u.scratch_files,
+            scratch_bytes: u.scratch_bytes,
         },
         limits,
         policy: m.policy,

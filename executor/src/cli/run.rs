@@ -21,7 +21,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "default")]
     pub policy: String,
     /// Tighten a limit, e.g. `--limit memory=256MiB --limit wall_time=5s --limit fuel=1000000000`.
-    /// Keys: memory, fuel, wall_time, stdout, stderr, output_files, output_bytes.
+    /// Keys: memory, fuel, wall_time, stdout, stderr, output_files, output_bytes, scratch_files,
+    /// scratch_bytes.
     #[arg(long = "limit", value_name = "KEY=VALUE")]
     pub limits: Vec<String>,
     /// An input file, placed in the data directory under its file name.

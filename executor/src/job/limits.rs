@@ -1,7 +1,7 @@
 //! Resource limits: the typed values a policy sets and a job may tighten.
 //!
 //! Every run has one [`Limits`]: memory, optional fuel, wall time, stdout/stderr bytes, output file
-//! count and output bytes. A policy gives a default and a maximum for each; a job's
+//! count and bytes, and scratch (`/tmp`) file count and bytes. A policy gives a default and a maximum for each; a job's
 //! [`LimitOverrides`] may ask for any value up to the maximum ([`Limits::resolve`]).
 //! Sizes and durations accept human-friendly strings (`"256MiB"`, `"10s"`) as well as integers.
 
@@ -176,15 +176,19 @@ pub enum LimitKind {
     Stdout,
     /// Bytes the step may write to stderr.
     Stderr,
-    /// Number of files the step may leave in its writable directories.
+    /// Number of files the step may leave in its output directory (`/output` or `/mnt/data`).
     OutputFiles,
-    /// Bytes the step may leave in its writable directories (outputs and scratch together).
+    /// Bytes the step may leave in its output directory.
     OutputBytes,
+    /// Number of files the step may keep in its scratch directory `/tmp` at once (never returned).
+    ScratchFiles,
+    /// Bytes the step may keep in its scratch directory `/tmp` at once.
+    ScratchBytes,
 }
 
 impl LimitKind {
     /// Every kind, in the order they are documented.
-    pub const ALL: [LimitKind; 7] = [
+    pub const ALL: [LimitKind; 9] = [
         LimitKind::Memory,
         LimitKind::Fuel,
         LimitKind::WallTime,
@@ -192,6 +196,8 @@ impl LimitKind {
         LimitKind::Stderr,
         LimitKind::OutputFiles,
         LimitKind::OutputBytes,
+        LimitKind::ScratchFiles,
+        LimitKind::ScratchBytes,
     ];
 
     /// The key used in policy files and on the command line.
@@ -204,6 +210,8 @@ impl LimitKind {
             LimitKind::Stderr => "stderr",
             LimitKind::OutputFiles => "output_files",
             LimitKind::OutputBytes => "output_bytes",
+            LimitKind::ScratchFiles => "scratch_files",
+            LimitKind::ScratchBytes => "scratch_bytes",
         }
     }
 }
@@ -242,10 +250,14 @@ pub struct Limits {
     pub stdout_bytes: u64,
     /// Bytes kept from stderr; one more byte stops the step with `OUTPUT_EXCEEDED`.
     pub stderr_bytes: u64,
-    /// Files the step may leave in its writable directories.
+    /// Files the step may leave in its output directory.
     pub output_files: u32,
-    /// Bytes the step may leave in its writable directories.
+    /// Bytes the step may leave in its output directory.
     pub output_bytes: u64,
+    /// Files the step may keep in `/tmp` at once.
+    pub scratch_files: u32,
+    /// Bytes the step may keep in `/tmp` at once.
+    pub scratch_bytes: u64,
 }
 
 fn ser_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -270,6 +282,12 @@ pub struct LimitOverrides {
     pub output_files: Option<u32>,
     /// Output bytes cap, e.g. `"64MiB"`.
     pub output_bytes: Option<ByteSize>,
+    /// Scratch (`/tmp`) file count cap.
+    #[serde(default)]
+    pub scratch_files: Option<u32>,
+    /// Scratch (`/tmp`) bytes cap, e.g. `"1GiB"`.
+    #[serde(default)]
+    pub scratch_bytes: Option<ByteSize>,
 }
 
 impl LimitOverrides {
@@ -281,6 +299,7 @@ impl LimitOverrides {
             LimitKind::Stdout => self.stdout = Some(value.parse().map_err(bad)?),
             LimitKind::Stderr => self.stderr = Some(value.parse().map_err(bad)?),
             LimitKind::OutputBytes => self.output_bytes = Some(value.parse().map_err(bad)?),
+            LimitKind::ScratchBytes => self.scratch_bytes = Some(value.parse().map_err(bad)?),
             LimitKind::WallTime => self.wall_time = Some(value.parse().map_err(bad)?),
             LimitKind::Fuel => {
                 self.fuel =
@@ -288,13 +307,18 @@ impl LimitOverrides {
                         bad(format!("`{value}` is not a whole number of fuel units"))
                     })?)
             }
-            LimitKind::OutputFiles => {
-                self.output_files = Some(value.trim().parse().map_err(|_| {
+            LimitKind::OutputFiles | LimitKind::ScratchFiles => {
+                let n = value.trim().replace('_', "").parse().map_err(|_| {
                     bad(format!(
                         "`{value}` is not a whole number of files (at most {})",
                         u32::MAX
                     ))
-                })?)
+                })?;
+                if kind == LimitKind::OutputFiles {
+                    self.output_files = Some(n);
+                } else {
+                    self.scratch_files = Some(n);
+                }
             }
         }
         Ok(())
@@ -347,13 +371,30 @@ pub struct LimitTable {
     pub stdout: ByteSize,
     /// Stderr bytes kept.
     pub stderr: ByteSize,
-    /// Files left in writable directories.
+    /// Files left in the output directory.
     pub output_files: u32,
-    /// Bytes left in writable directories.
+    /// Bytes left in the output directory.
     pub output_bytes: ByteSize,
+    /// Files kept in `/tmp` at once. Omitted: the same as `output_files` (a policy written before
+    /// scratch had limits of its own keeps its meaning, or is stricter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_files: Option<u32>,
+    /// Bytes kept in `/tmp` at once. Omitted: the same as `output_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_bytes: Option<ByteSize>,
 }
 
 impl LimitTable {
+    /// The scratch file limit, `output_files` when the table has none of its own.
+    pub fn scratch_files(&self) -> u32 {
+        self.scratch_files.unwrap_or(self.output_files)
+    }
+
+    /// The scratch bytes limit, `output_bytes` when the table has none of its own.
+    pub fn scratch_bytes(&self) -> ByteSize {
+        self.scratch_bytes.unwrap_or(self.output_bytes)
+    }
+
     /// The defaults as effective limits.
     pub fn to_limits(&self) -> Limits {
         Limits {
@@ -364,6 +405,8 @@ impl LimitTable {
             stderr_bytes: self.stderr.0,
             output_files: self.output_files,
             output_bytes: self.output_bytes.0,
+            scratch_files: self.scratch_files(),
+            scratch_bytes: self.scratch_bytes().0,
         }
     }
 
@@ -384,6 +427,14 @@ impl LimitTable {
             (LimitKind::Stderr, self.stderr > max.stderr),
             (LimitKind::OutputFiles, self.output_files > max.output_files),
             (LimitKind::OutputBytes, self.output_bytes > max.output_bytes),
+            (
+                LimitKind::ScratchFiles,
+                self.scratch_files() > max.scratch_files(),
+            ),
+            (
+                LimitKind::ScratchBytes,
+                self.scratch_bytes() > max.scratch_bytes(),
+            ),
         ];
         checks.into_iter().find(|(_, above)| *above).map(|(k, _)| k)
     }
@@ -501,6 +552,23 @@ impl Limits {
                 |_| false,
             )?
             .0,
+            scratch_files: pick(
+                policy,
+                LimitKind::ScratchFiles,
+                asked.scratch_files,
+                default.scratch_files(),
+                max.scratch_files(),
+                |_| false,
+            )?,
+            scratch_bytes: pick(
+                policy,
+                LimitKind::ScratchBytes,
+                asked.scratch_bytes,
+                default.scratch_bytes(),
+                max.scratch_bytes(),
+                |_| false,
+            )?
+            .0,
         })
     }
 }
@@ -518,6 +586,8 @@ mod tests {
             stderr: ByteSize(1024),
             output_files: 10,
             output_bytes: ByteSize(4096),
+            scratch_files: None,
+            scratch_bytes: None,
         }
     }
 
@@ -596,6 +666,35 @@ mod tests {
                 .unwrap_err()
                 .contains("output_files")
         );
+    }
+
+    #[test]
+    fn scratch_limits_fall_back_to_the_output_limits_and_resolve_on_their_own() {
+        // A policy written before scratch had limits of its own: scratch takes the output limits.
+        let (d, m) = (table(100, None), table(100, None));
+        let l = Limits::resolve("p", &d, &m, &LimitOverrides::default()).unwrap();
+        assert_eq!((l.scratch_files, l.scratch_bytes), (10, 4096));
+        // With its own values, scratch resolves apart from outputs.
+        let mut m = m;
+        m.scratch_files = Some(5000);
+        m.scratch_bytes = Some(ByteSize(1 << 20));
+        let mut asked = LimitOverrides::default();
+        asked.set_pair("scratch_files=2_000").unwrap();
+        asked.set_pair("scratch-bytes=1MiB").unwrap();
+        let l = Limits::resolve("p", &d, &m, &asked).unwrap();
+        assert_eq!((l.output_files, l.output_bytes), (10, 4096));
+        assert_eq!((l.scratch_files, l.scratch_bytes), (2000, 1 << 20));
+        asked.set_pair("scratch_files=5001").unwrap();
+        assert_eq!(
+            Limits::resolve("p", &d, &m, &asked)
+                .unwrap_err()
+                .to_string(),
+            "limit `scratch_files` asks for 5001, above policy `p`'s maximum of 5000"
+        );
+        // A default above its maximum is found like any other limit.
+        let mut d = d;
+        d.scratch_files = Some(6000);
+        assert_eq!(d.first_above(&m), Some(LimitKind::ScratchFiles));
     }
 
     #[test]

@@ -63,10 +63,14 @@ pub struct Usage {
     pub compile_cache: Option<CacheSource>,
     /// Time to instantiate the guest, in microseconds.
     pub instantiate_us: u64,
-    /// Files left in the writable directories.
+    /// Output files the step left (new or changed files in its output directory).
     pub output_files: u64,
-    /// Bytes left in the writable directories.
+    /// Their bytes.
     pub output_bytes: u64,
+    /// Files left in `/tmp` at the end.
+    pub scratch_files: u64,
+    /// Their bytes.
+    pub scratch_bytes: u64,
 }
 
 /// Everything a run produced.

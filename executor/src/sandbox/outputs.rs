@@ -3,12 +3,17 @@
 //! Directories are walked without following symlinks; a symlink the step created is reported with
 //! its target text and never followed; files are opened with `O_NOFOLLOW`. [`DiskWatch`] measures
 //! the writable directories while the step runs so a step that writes forever is stopped near the
-//! output limits, not after it filled the disk.
+//! output and scratch limits, not after it filled the disk.
+//!
+//! Outputs (`/output` or `/mnt/data`) and scratch (`/tmp`) are counted apart: outputs are returned
+//! to the caller and held to `output_files`/`output_bytes`; scratch is never returned and is held
+//! to `scratch_files`/`scratch_bytes` (a step may use many temporary files, as `tempfile` users do).
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::job::digest::sha256_hex;
 use crate::job::limits::{LimitKind, Limits};
@@ -58,67 +63,107 @@ pub type Baseline = HashMap<PathBuf, String>;
 /// Counts and limits what the step left in its writable directories.
 #[derive(Clone, Debug)]
 pub struct OutputScan {
-    /// Files (and symlinks) that count as the step's: everything in `/tmp`, new or changed files in
-    /// the data directory.
+    /// Output files (and symlinks) that count as the step's: new or changed files in the output
+    /// directory.
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Files (and symlinks) in `/tmp`.
+    pub scratch_files: u64,
+    /// Their bytes.
+    pub scratch_bytes: u64,
     /// The first limit passed, with a description.
     pub exceeded: Option<(LimitKind, String)>,
 }
 
-fn check(files: u64, bytes: u64, too_deep: bool, limits: &Limits) -> Option<(LimitKind, String)> {
+/// What one directory is held to: the output limits or the scratch limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Area {
+    Output,
+    Scratch,
+}
+
+fn check(
+    area: Area,
+    files: u64,
+    bytes: u64,
+    too_deep: bool,
+    limits: &Limits,
+) -> Option<(LimitKind, String)> {
+    let (kind_files, max_files, kind_bytes, max_bytes, place) = match area {
+        Area::Output => (
+            LimitKind::OutputFiles,
+            limits.output_files,
+            LimitKind::OutputBytes,
+            limits.output_bytes,
+            "",
+        ),
+        Area::Scratch => (
+            LimitKind::ScratchFiles,
+            limits.scratch_files,
+            LimitKind::ScratchBytes,
+            limits.scratch_bytes,
+            " in /tmp",
+        ),
+    };
     if too_deep {
         return Some((
-            LimitKind::OutputFiles,
-            format!("the step nested directories deeper than {MAX_DEPTH} levels"),
+            kind_files,
+            format!("the step nested directories{place} deeper than {MAX_DEPTH} levels"),
         ));
     }
-    if files > u64::from(limits.output_files) {
+    if files > u64::from(max_files) {
         return Some((
-            LimitKind::OutputFiles,
-            format!(
-                "the step left {files} files; the limit is {}",
-                limits.output_files
-            ),
+            kind_files,
+            format!("the step left {files} files{place}; the limit is {max_files}"),
         ));
     }
-    if bytes > limits.output_bytes {
+    if bytes > max_bytes {
         return Some((
-            LimitKind::OutputBytes,
-            format!(
-                "the step wrote {bytes} bytes; the limit is {}",
-                limits.output_bytes
-            ),
+            kind_bytes,
+            format!("the step wrote {bytes} bytes{place}; the limit is {max_bytes}"),
         ));
     }
     None
 }
 
+/// A walk may take at most this share of the time between walks: a step with thousands of
+/// temporary files is walked less often rather than slowed down (1/20 = 5% of one core).
+const WALK_SHARE: u32 = 20;
+
 /// Watches the writable directories during a run. Cheap enough to call every epoch tick: it walks
-/// the directory entries (never file contents) and stops at the first limit passed.
+/// the directory entries (never file contents) and stops at the first limit passed. When a walk
+/// gets long (many files), the next one waits [`WALK_SHARE`] times as long as it took.
 #[derive(Debug)]
 pub struct DiskWatch {
-    dirs: Vec<PathBuf>,
-    /// Bytes and files that were there before the step started (inputs in `mnt-data`).
+    output: PathBuf,
+    scratch: PathBuf,
+    /// Bytes and files that were in the output directory before the step started (inputs in
+    /// `mnt-data`).
     allowance_bytes: u64,
     allowance_files: u64,
     limits: Limits,
+    /// No walk before this instant.
+    next_walk: Option<Instant>,
 }
 
 impl DiskWatch {
-    /// Watches `dirs`, discounting what was there at the start.
+    /// Watches the `output` and `scratch` directories (the same directory is walked once),
+    /// discounting what was in `output` at the start.
     pub fn new(
-        dirs: Vec<PathBuf>,
+        output: PathBuf,
+        scratch: PathBuf,
         allowance_files: u64,
         allowance_bytes: u64,
         limits: Limits,
     ) -> DiskWatch {
         DiskWatch {
-            dirs,
+            output,
+            scratch,
             allowance_bytes,
             allowance_files,
             limits,
+            next_walk: None,
         }
     }
 
@@ -127,37 +172,70 @@ impl DiskWatch {
         &self.limits
     }
 
-    /// The first limit passed so far, if any.
-    pub fn check(&self) -> Option<(LimitKind, String)> {
-        let (mut files, mut bytes, mut deep) = (0u64, 0u64, false);
-        for dir in &self.dirs {
-            let w = walk(dir);
-            deep |= w.too_deep;
-            files += w.entries.len() as u64;
-            bytes += w.entries.iter().map(|(_, m)| m.len()).sum::<u64>();
+    /// The first limit passed so far, if any. Returns `None` without walking while the previous
+    /// walk's pause lasts.
+    pub fn check(&mut self) -> Option<(LimitKind, String)> {
+        let start = Instant::now();
+        if self.next_walk.is_some_and(|t| start < t) {
+            return None;
         }
+        let found = self.check_now();
+        let took = start.elapsed();
+        self.next_walk = (took > Duration::from_micros(500)).then(|| start + took * WALK_SHARE);
+        found
+    }
+
+    /// Walks now, whatever the pause.
+    pub fn check_now(&self) -> Option<(LimitKind, String)> {
+        let out = walk(&self.output);
+        let bytes = out.entries.iter().map(|(_, m)| m.len()).sum::<u64>();
         check(
-            files.saturating_sub(self.allowance_files),
+            Area::Output,
+            (out.entries.len() as u64).saturating_sub(self.allowance_files),
             bytes.saturating_sub(self.allowance_bytes),
-            deep,
+            out.too_deep,
             &self.limits,
         )
+        .or_else(|| {
+            let tmp = walk(&self.scratch);
+            check(
+                Area::Scratch,
+                tmp.entries.len() as u64,
+                tmp.entries.iter().map(|(_, m)| m.len()).sum(),
+                tmp.too_deep,
+                &self.limits,
+            )
+        })
     }
+}
+
+fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// Reads a regular file without following a symlink at its final component.
 fn read_nofollow(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
     let mut buf = Vec::new();
-    f.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
+    open_nofollow(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut buf)?;
     Ok(buf)
 }
 
-/// Collects the outputs of `data_dir` and measures `scratch_dir` against the limits. With a
-/// `baseline` (the `mnt-data` layout), files whose content still matches it are not outputs.
+/// The sha256 of a file too large to load (an input past the byte budget), read in pieces.
+fn hash_nofollow(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = open_nofollow(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Collects the outputs of `data_dir` and measures `scratch_dir` against the scratch limits. With
+/// a `baseline` (the `mnt-data` layout), files whose content still matches it are not outputs.
 pub fn collect(
     data_dir: &Path,
     scratch_dir: &Path,
@@ -167,8 +245,9 @@ pub fn collect(
     let data = walk(data_dir);
     let scratch = walk(scratch_dir);
     let mut outputs = Vec::new();
-    let mut bytes = scratch.entries.iter().map(|(_, m)| m.len()).sum::<u64>();
-    let mut files = scratch.entries.len() as u64;
+    let scratch_bytes = scratch.entries.iter().map(|(_, m)| m.len()).sum::<u64>();
+    let scratch_files = scratch.entries.len() as u64;
+    let (mut files, mut bytes) = (0u64, 0u64);
     let mut budget = limits.output_bytes;
     for (rel, meta) in &data.entries {
         let path = rel.to_string_lossy().replace('\\', "/");
@@ -192,12 +271,18 @@ pub fn collect(
             } else {
                 Vec::new()
             };
+            let loaded = content.len() as u64 == meta.len();
             let digest = sha256_hex(&content);
-            if baseline
-                .and_then(|b| b.get(rel))
-                .is_some_and(|d| *d == digest && meta.len() == content.len() as u64)
-            {
-                continue; // an input the step did not change
+            if let Some(was) = baseline.and_then(|b| b.get(rel)) {
+                // An input past the budget is hashed in pieces rather than taken for a change.
+                let now = if loaded {
+                    Some(digest.clone())
+                } else {
+                    hash_nofollow(&full).ok()
+                };
+                if now.as_ref() == Some(was) {
+                    continue; // an input the step did not change
+                }
             }
             budget = budget.saturating_sub(meta.len());
             OutputFile {
@@ -215,8 +300,18 @@ pub fn collect(
         outputs.push(out);
     }
     outputs.sort_by(|a, b| a.path.cmp(&b.path));
-    let exceeded = check(files, bytes, data.too_deep || scratch.too_deep, limits);
-    if exceeded.is_some() {
+    let output_exceeded = check(Area::Output, files, bytes, data.too_deep, limits);
+    let keep_all = output_exceeded.is_none();
+    let exceeded = output_exceeded.or_else(|| {
+        check(
+            Area::Scratch,
+            scratch_files,
+            scratch_bytes,
+            scratch.too_deep,
+            limits,
+        )
+    });
+    if !keep_all {
         // Keep what fits: the first files by path, within the count and byte limits.
         let (mut n, mut b) = (0u64, 0u64);
         outputs.retain(|o| {
@@ -232,6 +327,8 @@ pub fn collect(
         OutputScan {
             files,
             bytes,
+            scratch_files,
+            scratch_bytes,
             exceeded,
         },
     )
@@ -243,6 +340,10 @@ mod tests {
     use std::time::Duration;
 
     fn limits(files: u32, bytes: u64) -> Limits {
+        scratch_limits(files, bytes, 1000, 1 << 20)
+    }
+
+    fn scratch_limits(files: u32, bytes: u64, scratch_files: u32, scratch_bytes: u64) -> Limits {
         Limits {
             memory_bytes: 1 << 20,
             fuel: None,
@@ -251,6 +352,8 @@ mod tests {
             stderr_bytes: 10,
             output_files: files,
             output_bytes: bytes,
+            scratch_files,
+            scratch_bytes,
         }
     }
 
@@ -278,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_count_scratch_too_and_only_changed_inputs() {
+    fn outputs_count_only_changed_inputs_and_scratch_has_limits_of_its_own() {
         let d = tempfile::tempdir().unwrap();
         let (data, tmp) = (d.path().join("data"), d.path().join("tmp"));
         std::fs::create_dir_all(&data).unwrap();
@@ -291,26 +394,79 @@ mod tests {
             (PathBuf::from("changed.csv"), sha256_hex(b"old")),
         ]
         .into();
-        let (outs, scan) = collect(&data, &tmp, Some(&baseline), &limits(10, 12));
+        // One output of 4 bytes; the 8 scratch bytes count against the scratch limits only.
+        let (outs, scan) = collect(&data, &tmp, Some(&baseline), &scratch_limits(1, 4, 1, 8));
         assert_eq!(
             outs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(),
             ["changed.csv"]
         );
-        assert_eq!((scan.files, scan.bytes), (2, 12));
-        assert!(scan.exceeded.is_none());
-        let (_, scan) = collect(&data, &tmp, Some(&baseline), &limits(10, 11));
+        assert_eq!((scan.files, scan.bytes), (1, 4));
+        assert_eq!((scan.scratch_files, scan.scratch_bytes), (1, 8));
+        assert!(scan.exceeded.is_none(), "{:?}", scan.exceeded);
+        let (_, scan) = collect(&data, &tmp, Some(&baseline), &scratch_limits(1, 3, 1, 8));
         assert_eq!(scan.exceeded.unwrap().0, LimitKind::OutputBytes);
-        let (_, scan) = collect(&data, &tmp, Some(&baseline), &limits(1, 100));
+        assert_eq!(
+            scan.files, 1,
+            "an unchanged input too large for the byte budget is hashed, not taken for an output"
+        );
+        let (_, scan) = collect(&data, &tmp, Some(&baseline), &scratch_limits(1, 4, 1, 7));
+        let (kind, msg) = scan.exceeded.unwrap();
+        assert_eq!(kind, LimitKind::ScratchBytes);
+        assert_eq!(msg, "the step wrote 8 bytes in /tmp; the limit is 7");
+        std::fs::write(tmp.join("second"), b"").unwrap();
+        let (outs, scan) = collect(&data, &tmp, Some(&baseline), &scratch_limits(1, 4, 1, 8));
+        assert_eq!(scan.exceeded.unwrap().0, LimitKind::ScratchFiles);
+        assert_eq!(outs.len(), 1, "outputs within their limits are all kept");
+        std::fs::write(data.join("another.csv"), b"").unwrap();
+        let (_, scan) = collect(
+            &data,
+            &tmp,
+            Some(&baseline),
+            &scratch_limits(1, 100, 10, 100),
+        );
         assert_eq!(scan.exceeded.unwrap().0, LimitKind::OutputFiles);
     }
 
     #[test]
     fn disk_watch_discounts_the_starting_files() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("input"), vec![0; 100]).unwrap();
-        let w = DiskWatch::new(vec![d.path().to_path_buf()], 1, 100, limits(1, 10));
+        let (data, tmp) = (d.path().join("data"), d.path().join("tmp"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(data.join("input"), vec![0; 100]).unwrap();
+        let mut w = DiskWatch::new(
+            data.clone(),
+            tmp.clone(),
+            1,
+            100,
+            scratch_limits(1, 10, 2, 5),
+        );
         assert!(w.check().is_none());
-        std::fs::write(d.path().join("out"), vec![0; 11]).unwrap();
+        std::fs::write(tmp.join("a"), vec![0; 5]).unwrap();
+        assert!(w.check().is_none());
+        std::fs::write(tmp.join("b"), vec![0; 1]).unwrap();
+        assert_eq!(w.check().unwrap().0, LimitKind::ScratchBytes);
+        std::fs::remove_file(tmp.join("b")).unwrap();
+        std::fs::write(data.join("out"), vec![0; 11]).unwrap();
         assert_eq!(w.check().unwrap().0, LimitKind::OutputBytes);
+    }
+
+    #[test]
+    fn a_long_walk_pauses_the_watch_but_check_now_always_walks() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, tmp) = (d.path().join("data"), d.path().join("tmp"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut w = DiskWatch::new(data, tmp.clone(), 0, 0, scratch_limits(1, 10, 10, 1 << 20));
+        assert!(w.check().is_none());
+        // Pretend the last walk was long: the next check is skipped until the pause ends.
+        w.next_walk = Some(Instant::now() + Duration::from_secs(3600));
+        for i in 0..11 {
+            std::fs::write(tmp.join(format!("f{i}")), b"x").unwrap();
+        }
+        assert!(w.check().is_none(), "paused");
+        assert_eq!(w.check_now().unwrap().0, LimitKind::ScratchFiles);
+        w.next_walk = Some(Instant::now());
+        assert_eq!(w.check().unwrap().0, LimitKind::ScratchFiles);
     }
 }

@@ -30,12 +30,24 @@ use crate::sandbox::pipe::{LimitedPipe, OutputChunk, StreamKind};
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 /// Caps all of a store's linear memories together and records the first refusal.
-#[derive(Debug)]
 pub struct MemoryLimiter {
     cap: u64,
     total: u64,
     peak: u64,
     refused: Option<String>,
+    /// Told every new peak (a worker passes it to its parent, which keeps it if it kills the run).
+    on_peak: Option<Box<dyn FnMut(u64) + Send>>,
+}
+
+impl std::fmt::Debug for MemoryLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLimiter")
+            .field("cap", &self.cap)
+            .field("total", &self.total)
+            .field("peak", &self.peak)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryLimiter {
@@ -45,6 +57,7 @@ impl MemoryLimiter {
             total: 0,
             peak: 0,
             refused: None,
+            on_peak: None,
         }
     }
 }
@@ -71,7 +84,12 @@ impl ResourceLimiter for MemoryLimiter {
             return Err(wasmtime::format_err!("{msg}"));
         }
         self.total = total;
-        self.peak = self.peak.max(total);
+        if total > self.peak {
+            self.peak = total;
+            if let Some(f) = &mut self.on_peak {
+                f(total);
+            }
+        }
         Ok(true)
     }
 
@@ -208,17 +226,11 @@ impl RunParts {
     }
 }
 
-/// The disk watch of `dir`'s writable directories under `limits`.
+/// The disk watch of `dir`'s writable directories (output and scratch) under `limits`.
 pub fn disk_watch(dir: &JobDir, limits: &Limits) -> DiskWatch {
-    let mut writable: Vec<_> = dir
-        .mounts
-        .iter()
-        .filter(|m| m.writable)
-        .map(|m| m.host.clone())
-        .collect();
-    writable.dedup();
     DiskWatch::new(
-        writable,
+        dir.data_dir.clone(),
+        dir.scratch_dir.clone(),
         dir.preexisting.0,
         dir.preexisting.1,
         limits.clone(),
@@ -373,7 +385,7 @@ impl Run {
                     state.stop = Some(Stop::WallTime);
                     return Ok(UpdateDeadline::Interrupt);
                 }
-                if let Some((kind, msg)) = state.watch.as_ref().and_then(DiskWatch::check) {
+                if let Some((kind, msg)) = state.watch.as_mut().and_then(DiskWatch::check) {
                     state.stop = Some(Stop::Disk(kind, msg));
                     return Ok(UpdateDeadline::Interrupt);
                 }
@@ -393,6 +405,11 @@ impl Run {
             fuel: limits.fuel,
             started: Instant::now(),
         })
+    }
+
+    /// Calls `f` with every new peak of the guest's memory, as it grows.
+    pub fn on_memory_peak(&mut self, f: impl FnMut(u64) + Send + 'static) {
+        self.store.data_mut().limiter.on_peak = Some(Box::new(f));
     }
 
     /// Restarts the wall clock: call right before the guest starts running.

@@ -57,6 +57,8 @@ const STARTED: u8 = 3;
 const CHUNK: u8 = 4;
 const DONE: u8 = 5;
 const REFUSED: u8 = 6;
+/// A new peak of the guest's memory (u64, little-endian), so a killed run still reports it.
+const MEMORY: u8 = 7;
 
 /// Largest frame either side accepts (a program or stdin of a job).
 const MAX_FRAME: usize = 1 << 30;
@@ -385,6 +387,8 @@ async fn run_job(
         // Disk limits are the parent's: it watches the job directory.
         output_files: u32::MAX,
         output_bytes: u64::MAX,
+        scratch_files: u32::MAX,
+        scratch_bytes: u64::MAX,
     };
     // The first Python job reports how the runtime was loaded at the worker's start.
     if runtime == RuntimeKind::Python
@@ -434,6 +438,10 @@ async fn run_job(
         env: &header.parts.env,
     };
     let mut instantiate = Duration::ZERO;
+    let peak_out = out.clone();
+    run.on_memory_peak(move |peak| {
+        let _ = send(&peak_out, &frame(MEMORY, &[&peak.to_le_bytes()]));
+    });
     run.start_clock(wall_time);
     let exit = prepared
         .entry
@@ -811,7 +819,7 @@ impl WorkerPool {
 
     async fn run_tracked(
         &self,
-        job: WorkerJob<'_>,
+        mut job: WorkerJob<'_>,
         busy: &mut Busy<'_>,
     ) -> Result<WorkerOutcome, JobError> {
         let header = JobHeader {
@@ -910,10 +918,15 @@ impl WorkerPool {
             stdout: BytesMut::new(),
             stderr: BytesMut::new(),
         };
+        // The guest's peak memory as the worker reports it: kept if the run is killed.
+        let mut peak_memory = 0u64;
         let stop = loop {
             tokio::select! {
                 biased;
                 f = io.reader.next() => match f {
+                    Ok(Some((MEMORY, p))) if p.len() == 8 => {
+                        peak_memory = peak_memory.max(u64::from_le_bytes(p[..].try_into().unwrap_or_default()));
+                    }
                     Ok(Some((CHUNK, mut p))) if !p.is_empty() => {
                         let stream = if p.get_u8() == 1 { StreamKind::Stderr } else { StreamKind::Stdout };
                         let (buf, cap) = match stream {
@@ -983,8 +996,8 @@ impl WorkerPool {
                 stdout_truncated: false,
                 stderr_truncated: false,
                 fuel_consumed: None,
-                // Not known: the worker that knew it is gone.
-                peak_memory: 0,
+                // The last peak the worker reported before it was killed.
+                peak_memory,
                 wall_time,
             },
             instantiate: Duration::ZERO,

@@ -25,6 +25,8 @@ pub(crate) fn proto_limit_field(kind: LimitKind) -> &'static str {
         LimitKind::Stderr => "max_stderr_bytes",
         LimitKind::OutputFiles => "max_output_files",
         LimitKind::OutputBytes => "max_output_bytes",
+        LimitKind::ScratchFiles => "max_scratch_files",
+        LimitKind::ScratchBytes => "max_scratch_bytes",
     }
 }
 
@@ -76,6 +78,8 @@ pub(crate) fn limits_from(l: Option<pb::Limits>) -> LimitOverrides {
         stderr: nz(l.max_stderr_bytes).map(ByteSize),
         output_files: (l.max_output_files != 0).then_some(l.max_output_files),
         output_bytes: nz(l.max_output_bytes).map(ByteSize),
+        scratch_files: (l.max_scratch_files != 0).then_some(l.max_scratch_files),
+        scratch_bytes: nz(l.max_scratch_bytes).map(ByteSize),
     }
 }
 
@@ -88,6 +92,8 @@ pub(crate) fn limits_to(l: &Limits) -> pb::Limits {
         max_output_bytes: l.output_bytes,
         max_output_files: l.output_files,
         max_stderr_bytes: l.stderr_bytes,
+        max_scratch_files: l.scratch_files,
+        max_scratch_bytes: l.scratch_bytes,
     }
 }
 
@@ -211,6 +217,8 @@ pub(crate) fn overrides_to(l: &LimitOverrides) -> pb::Limits {
         max_output_bytes: l.output_bytes.map_or(0, |b| b.0),
         max_output_files: l.output_files.unwrap_or(0),
         max_stderr_bytes: l.stderr.map_or(0, |b| b.0),
+        max_scratch_files: l.scratch_files.unwrap_or(0),
+        max_scratch_bytes: l.scratch_bytes.map_or(0, |b| b.0),
     }
 }
 
@@ -424,6 +432,8 @@ pub fn response_from(
             instantiate_us: u.instantiate_us,
             output_files: u.output_files,
             output_bytes: u.output_bytes,
+            scratch_files: u.scratch_files,
+            scratch_bytes: u.scratch_bytes,
             queue_wait_us: u64::try_from(queue_wait.as_micros()).unwrap_or(u64::MAX),
         }),
         message: r.message,

@@ -152,16 +152,77 @@ async fn output_file_count_holds_then_is_exceeded() {
 }
 
 #[tokio::test]
-async fn output_bytes_hold_then_are_exceeded_counting_scratch() {
+async fn output_and_scratch_bytes_hold_then_are_exceeded_each_on_its_own() {
     let src = "open('/output/a', 'wb').write(b'a' * 600_000)\nopen('/tmp/b', 'wb').write(b'b' * 400_000)\n";
-    let ok = run(with_limits(py(src), &["output_bytes=1MB"])).await;
+    let ok = run(with_limits(
+        py(src),
+        &["output_bytes=600000", "scratch_bytes=400000"],
+    ))
+    .await;
     assert_status(&ok, Status::Succeeded);
-    assert_eq!(ok.usage.output_bytes, 1_000_000);
+    assert_eq!(
+        (ok.usage.output_bytes, ok.usage.scratch_bytes),
+        (600_000, 400_000)
+    );
     assert_eq!(ok.outputs.len(), 1, "scratch files are not outputs");
 
-    let hit = run(with_limits(py(src), &["output_bytes=999999"])).await;
+    let hit = run(with_limits(
+        py(src),
+        &["output_bytes=599999", "scratch_bytes=400000"],
+    ))
+    .await;
     assert_status(&hit, Status::OutputExceeded);
-    assert!(hit.message.contains("output_bytes"), "{}", hit.message);
+    assert!(
+        hit.message.contains("(limit `output_bytes`)"),
+        "{}",
+        hit.message
+    );
+
+    let hit = run(with_limits(
+        py(src),
+        &["output_bytes=600000", "scratch_bytes=399999"],
+    ))
+    .await;
+    assert_status(&hit, Status::OutputExceeded);
+    assert!(
+        hit.message.contains("400000 bytes in /tmp") && hit.message.contains("scratch_bytes"),
+        "{}",
+        hit.message
+    );
+    assert_eq!(
+        hit.outputs.len(),
+        1,
+        "outputs within their own limits are kept"
+    );
+}
+
+/// Temporary files are scratch, not outputs: a step may make thousands under the default policy
+/// (pyperformance's `pathlib` makes 2000), and `scratch_files` still bounds them.
+#[tokio::test]
+async fn scratch_files_hold_then_are_exceeded() {
+    let make = |n: usize| {
+        py(&format!(
+            "import os, tempfile\nd = tempfile.mkdtemp()\nfor i in range({n}):\n    open(os.path.join(d, f'f{{i}}'), 'w').close()\nprint(len(os.listdir(d)))\n"
+        ))
+    };
+    let ok = run(make(2000)).await;
+    assert_status(&ok, Status::Succeeded);
+    assert_eq!(out(&ok), "2000\n");
+    assert_eq!((ok.usage.scratch_files, ok.usage.output_files), (2000, 0));
+    assert!(
+        ok.limits.output_files < 2000,
+        "the default output limit is lower"
+    );
+
+    let ok = run(with_limits(make(50), &["scratch_files=50"])).await;
+    assert_status(&ok, Status::Succeeded);
+    let hit = run(with_limits(make(51), &["scratch_files=50"])).await;
+    assert_status(&hit, Status::OutputExceeded);
+    assert!(
+        hit.message.contains("files in /tmp") && hit.message.contains("scratch_files"),
+        "{}",
+        hit.message
+    );
 }
 
 /// A step that writes forever is stopped near the limit while it runs, not when the disk is full.
@@ -173,16 +234,14 @@ async fn writing_forever_is_stopped_near_the_limit() {
         );
         let r = run(with_limits(
             py(&src),
-            &["output_bytes=8MiB", "wall_time=60s"],
+            &["output_bytes=8MiB", "scratch_bytes=8MiB", "wall_time=60s"],
         ))
         .await;
         assert_status(&r, Status::OutputExceeded);
         assert!(r.message.contains("stopped while writing"), "{}", r.message);
-        let overshoot = r.usage.output_bytes.saturating_sub(8 << 20);
-        eprintln!(
-            "{dir}: stopped at {} bytes, {} past the 8 MiB limit",
-            r.usage.output_bytes, overshoot
-        );
+        let written = r.usage.output_bytes + r.usage.scratch_bytes;
+        let overshoot = written.saturating_sub(8 << 20);
+        eprintln!("{dir}: stopped at {written} bytes, {overshoot} past the 8 MiB limit");
         // Bounded by what one 10 ms epoch tick of writing can add; far below filling a disk.
         assert!(overshoot < 256 << 20, "overshoot {overshoot}");
     }

@@ -161,12 +161,42 @@ async fn memory_and_output_limits_hold_then_are_hit_in_a_worker() {
     // Writing forever: the parent's disk watch kills the worker near the limit.
     let r = wrun(with_limits(
         py("f = open('/tmp/big', 'wb')\nchunk = b'x' * 65536\nwhile True:\n    f.write(chunk)\n"),
-        &["output_bytes=8MiB", "wall_time=60s"],
+        &["scratch_bytes=8MiB", "wall_time=60s"],
     ))
     .await;
     assert_status(&r, Status::OutputExceeded);
-    assert!(r.message.contains("stopped while writing"), "{}", r.message);
-    assert!(r.usage.output_bytes.saturating_sub(8 << 20) < 256 << 20);
+    assert!(
+        r.message.contains("stopped while writing") && r.message.contains("scratch_bytes"),
+        "{}",
+        r.message
+    );
+    assert!(r.usage.scratch_bytes.saturating_sub(8 << 20) < 256 << 20);
+
+    // Many temporary files: held under the default policy, the parent stops the step past
+    // `scratch_files` while it runs (the files stay until the step ends).
+    let make = |n: usize, sleep: f64| {
+        py(&format!(
+            "import os, tempfile, time\nd = tempfile.mkdtemp()\nfor i in range({n}):\n    open(os.path.join(d, f'f{{i}}'), 'w').close()\ntime.sleep({sleep})\nprint('made')\n"
+        ))
+    };
+    let ok = wrun(make(2000, 0.0)).await;
+    assert_status(&ok, Status::Succeeded);
+    assert_eq!(ok.usage.scratch_files, 2000);
+    let hit = wrun(with_limits(
+        make(51, 30.0),
+        &["scratch_files=50", "wall_time=60s"],
+    ))
+    .await;
+    assert_status(&hit, Status::OutputExceeded);
+    assert!(
+        hit.message.contains("stopped while writing") && hit.message.contains("scratch_files"),
+        "{}",
+        hit.message
+    );
+    assert!(
+        hit.usage.wall_time_us < 20_000_000,
+        "stopped while it ran, not at its end"
+    );
 }
 
 #[tokio::test]
@@ -179,7 +209,10 @@ async fn the_wall_time_holds_for_every_kind_of_guest_in_a_worker() {
     assert_status(&ok, Status::Succeeded);
 
     let guests = [
-        ("a Python loop", py("while True:\n    pass\n")),
+        (
+            "a Python loop",
+            py("b = bytearray(64 << 20)\nwhile True:\n    pass\n"),
+        ),
         ("a loop in C", py("print(sum(range(10**12)))\n")),
         (
             "a catastrophic regex",
@@ -207,6 +240,14 @@ async fn the_wall_time_holds_for_every_kind_of_guest_in_a_worker() {
         // Killed at the limit, not at the worker's own 2 s backstop or never: a wide bound,
         // since this machine is shared.
         assert!(took < Duration::from_secs(20), "{what} took {took:?}");
+        if what == "a Python loop" {
+            // The worker reported each new peak before it was killed.
+            assert!(
+                r.usage.peak_memory_bytes > 64 << 20,
+                "peak {}",
+                r.usage.peak_memory_bytes
+            );
+        }
     }
     // Each killed worker was replaced, and the pool still runs steps.
     let after = wrun(py("print('still here')")).await;

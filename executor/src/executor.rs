@@ -118,6 +118,7 @@ impl Executor {
             Isolation::Workers(options) => Some(WorkerPool::new(
                 options,
                 WorkerConfig {
+                    work_root: Some(config.work_root.clone()),
                     cache_dir: engines.cache_dir().map(PathBuf::from),
                     python_component: runtimes.python_component().map(PathBuf::from),
                 },

@@ -10,6 +10,8 @@
 pub mod data;
 pub mod engine;
 pub mod jobdir;
+#[cfg(target_os = "linux")]
+pub mod landlock;
 pub mod outputs;
 pub mod pipe;
 pub mod run;

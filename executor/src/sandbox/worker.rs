@@ -13,10 +13,12 @@
 //! fuel is counted in the guest anyway.
 //!
 //! The worker is a second wall around wasmtime: it starts with an empty environment and no
-//! new privileges, in `/`, with only the protocol pipes, and before it says READY it installs a
-//! seccomp filter on all its threads (no sockets, programs, processes, ptrace or mounts: see
-//! [`crate::sandbox::seccomp`]); a crash in it (a wasmtime bug, the kernel's OOM killer) ends
-//! that one job as `TRAPPED` instead of the server.
+//! new privileges, in `/`, with only the protocol pipes; first thing, while it has one thread, it
+//! confines itself with Landlock to the work root, the artifact cache and the Python component
+//! (no other path on the host: see [`crate::sandbox::landlock`]), and before it says READY it
+//! installs a seccomp filter on all its threads (no sockets, programs, processes, ptrace or
+//! mounts: see [`crate::sandbox::seccomp`]); a crash in it (a wasmtime bug, the kernel's OOM
+//! killer) ends that one job as `TRAPPED` instead of the server.
 //!
 //! The protocol is length-prefixed frames over the worker's stdin and stdout: `[u32 LE length]
 //! [u8 tag][payload]`. The parent sends `JOB`; the worker answers `READY` once at start, then per
@@ -26,6 +28,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
+#[cfg(target_os = "linux")]
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +80,10 @@ const SELF_KILL_GRACE: Duration = Duration::from_secs(2);
 /// What a worker needs to find the runtimes: the parent's resolved paths.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerConfig {
+    /// The parent of every job directory: the worker reads and writes beneath it, and (with the
+    /// cache) nowhere else.
+    #[serde(default)]
+    pub work_root: Option<PathBuf>,
     /// The compiled-artifact cache the parent uses.
     pub cache_dir: Option<PathBuf>,
     /// The Python component.
@@ -99,6 +107,9 @@ struct JobHeader {
 struct ReadyFrame {
     pid: u32,
     python: Option<String>,
+    /// How far the kernel enforces the worker's Landlock ruleset.
+    #[serde(default)]
+    landlock: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -213,6 +224,15 @@ fn serve(config: &str) -> anyhow::Result<()> {
         serde_json::from_str(config).context("the worker configuration is not valid JSON")?;
     rustix::thread::set_no_new_privs(true).context("failed to set no_new_privs")?;
     let (mut input, output) = take_stdio().context("failed to take the protocol pipes")?;
+    // Landlock next, while this is the worker's only thread: it confines the calling thread and
+    // the threads it starts from then on, so the async runtime, the engines' ticker, the helpers,
+    // tokio's blocking pool and wasmtime's compiler threads all start confined.
+    #[cfg(target_os = "linux")]
+    let landlock = confine(&config)
+        .context("failed to confine the worker with landlock")?
+        .to_string();
+    #[cfg(not(target_os = "linux"))]
+    let landlock = String::from("not enforced (not Linux)");
     let out: Out = Arc::new(Mutex::new(output));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -242,6 +262,7 @@ fn serve(config: &str) -> anyhow::Result<()> {
             &ReadyFrame {
                 pid: std::process::id(),
                 python,
+                landlock,
             },
         ),
     )?;
@@ -259,6 +280,35 @@ fn serve(config: &str) -> anyhow::Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// Confines this worker with Landlock (see [`crate::sandbox::landlock`]): it may read and write
+/// beneath the work root and the artifact cache, and read the Python component. Refused while
+/// the worker has another thread, which the ruleset would not reach.
+#[cfg(target_os = "linux")]
+fn confine(config: &WorkerConfig) -> anyhow::Result<crate::sandbox::landlock::LandlockStatus> {
+    use crate::sandbox::landlock;
+    let threads = landlock::threads()?;
+    anyhow::ensure!(
+        threads == 1,
+        "the worker has {threads} threads before its landlock ruleset, which would leave all but \
+         one unconfined"
+    );
+    // A rule needs its directory: the parent makes the work root at its first job and the
+    // engines make the cache, so make them now, as those would.
+    let mut rw = Vec::new();
+    for dir in [&config.work_root, &config.cache_dir].into_iter().flatten() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create `{}`", dir.display()))?;
+        rw.push(dir.as_path());
+    }
+    // Read-only. One that is missing is not granted: loading it fails as it would anyway.
+    let ro: Vec<&Path> = [config.python_component.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.exists())
+        .collect();
+    landlock::confine_worker(&rw, &ro)
 }
 
 fn decode_job(payload: &[u8]) -> anyhow::Result<(JobHeader, Bytes, Bytes)> {
@@ -644,6 +694,7 @@ pub struct WorkerPool {
     warmed: AtomicBool,
     spawned: AtomicU64,
     busy: Mutex<Vec<u32>>,
+    landlock: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -699,7 +750,18 @@ impl WorkerPool {
             warmed: AtomicBool::new(false),
             spawned: AtomicU64::new(0),
             busy: Mutex::new(Vec::new()),
+            landlock: Mutex::new(None),
         }
+    }
+
+    /// How far the kernel enforces the workers' Landlock ruleset ("fully enforced", "partially
+    /// enforced", "not enforced (kernel without landlock)"), as the last worker to start said;
+    /// `None` before one has.
+    pub fn landlock(&self) -> Option<String> {
+        self.landlock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many worker processes this pool has started.
@@ -765,6 +827,15 @@ impl WorkerPool {
                     tracing::debug!(error = %e, "sandbox worker has no Python runtime");
                 }
                 tracing::debug!(pid = ready.pid, "sandbox worker ready");
+                let first = self
+                    .landlock
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(ready.landlock.clone())
+                    .is_none();
+                if first {
+                    tracing::info!(landlock = %ready.landlock, "sandbox workers' file access (landlock)");
+                }
                 Ok(w)
             }
             Ok(Ok(Some((tag, _)))) => bail!("a new sandbox worker sent frame {tag} before READY"),

@@ -3,13 +3,15 @@
 //! for a Python loop, a loop in C, a catastrophic regex, a blocked host call and a bare wasm
 //! loop; a dead or cancelled worker costs one job and nothing else.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use stepbox::executor::Isolation;
-use stepbox::sandbox::worker::WorkerOptions;
-use stepbox::{Executor, ExecutorConfig, RunOptions, Status, StepJob};
+use stepbox::sandbox::outputs::DiskWatch;
+use stepbox::sandbox::run::{RunMount, RunParts};
+use stepbox::sandbox::worker::{WorkerConfig, WorkerJob, WorkerOptions, WorkerPool};
+use stepbox::{Executor, ExecutorConfig, Limits, RunOptions, RuntimeKind, Status, StepJob};
 
 use crate::common::*;
 
@@ -370,6 +372,139 @@ async fn a_worker_has_no_environment_no_new_privileges_and_a_seccomp_filter() {
             .unwrap();
         assert!(filters >= 1, "{}: {status}", task.display());
     }
+}
+
+/// Landlock: a worker reads and writes only beneath the work root and the artifact cache, and
+/// reads the Python component. It applies the ruleset while it is its only thread (it refuses to
+/// start otherwise), and Landlock confines the threads started after it, so every thread it has
+/// (main, epoch ticker, helpers, tokio's blocking pool) is confined. Jobs still reach all their
+/// files: inputs, outputs, `/tmp`, new directories, cross-directory renames, truncation.
+#[tokio::test]
+async fn a_worker_is_confined_by_landlock_and_jobs_still_reach_their_files() {
+    let pool = workers().workers().unwrap();
+    pool.prewarm().await.unwrap();
+    // This kernel has Landlock ABI 7, and so has CI's: anything less fails here.
+    assert_eq!(pool.landlock().as_deref(), Some("fully enforced"));
+    let pid = *pool.idle_pids().first().expect("an idle worker");
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(threads >= 3, "main thread and two helpers: {threads}");
+
+    let mut job = py(concat!(
+        "import os, tempfile\n",
+        "data = open('/input/in.txt').read()\n",
+        "os.makedirs('/output/sub/deeper')\n",
+        "open('/output/sub/deeper/a.txt', 'w').write(data * 2)\n",
+        "os.rename('/output/sub/deeper/a.txt', '/output/moved.txt')\n",
+        "os.truncate('/output/moved.txt', 3)\n",
+        "with tempfile.NamedTemporaryFile('w', dir='/tmp', delete=False) as t:\n",
+        "    t.write('scratch')\n",
+        "os.rename(t.name, '/tmp/kept')\n",
+        "os.removedirs('/output/sub/deeper')\n",
+        "print(sorted(os.listdir('/output')), open('/tmp/kept').read())\n",
+    ));
+    job.inputs.push(input("in.txt", "abc"));
+    let w = wrun(job.clone()).await;
+    let here = run(job).await;
+    assert_status(&w, Status::Succeeded);
+    assert_eq!(out(&w), "['moved.txt'] scratch\n", "{}", err(&w));
+    assert_eq!((out(&w), err(&w)), (out(&here), err(&here)));
+    assert_eq!(&w.output("moved.txt").unwrap().content[..], b"abc");
+}
+
+/// Landlock, seen on the threads that meet files: a worker's main thread opens a job's
+/// directories, and tokio's blocking pool, started long after the ruleset, reads the Python
+/// component. A worker is refused by the kernel on both what its configuration does not grant,
+/// though the files are there and its user may read them; granted, the same job runs.
+#[tokio::test]
+async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
+    let root = tempfile::tempdir().unwrap();
+    let (work, elsewhere) = (root.path().join("work"), root.path().join("elsewhere"));
+    std::fs::create_dir_all(work.join("tmp")).unwrap();
+    for dir in [&work, &elsewhere] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("in.txt"), "abc").unwrap();
+    }
+    let pool = |python_component: Option<PathBuf>| {
+        WorkerPool::new(
+            WorkerOptions {
+                program: env!("CARGO_BIN_EXE_stepbox").into(),
+                max_idle: 1,
+            },
+            WorkerConfig {
+                work_root: Some(work.clone()),
+                cache_dir: Some(cache_dir()),
+                // Without it the worker looks in the usual places, and finds the checkout's.
+                python_component,
+            },
+        )
+    };
+    let limits = Limits {
+        memory_bytes: 256 << 20,
+        fuel: None,
+        wall_time: Duration::from_secs(60),
+        stdout_bytes: 1 << 20,
+        stderr_bytes: 1 << 20,
+        output_files: 100,
+        output_bytes: 1 << 20,
+        scratch_files: 100,
+        scratch_bytes: 1 << 20,
+    };
+    let parts = |input: &Path| RunParts {
+        argv0: "main.py".into(),
+        args: Vec::new(),
+        env: Default::default(),
+        cwd: "/tmp".into(),
+        mounts: vec![
+            RunMount {
+                host: input.to_path_buf(),
+                guest: "/input".into(),
+                writable: false,
+            },
+            RunMount {
+                host: work.join("tmp"),
+                guest: "/tmp".into(),
+                writable: true,
+            },
+        ],
+        deterministic: None,
+    };
+    let run = async |pool: &WorkerPool, input: &Path| {
+        let parts = parts(input);
+        pool.run(WorkerJob {
+            runtime: RuntimeKind::Python,
+            parts: &parts,
+            limits: &limits,
+            filename: "main.py",
+            program: b"print(open('/input/in.txt').read())",
+            stdin: b"",
+            watch: DiskWatch::new(work.join("tmp"), work.join("tmp"), 0, 0, limits.clone()),
+            listener: None,
+        })
+        .await
+    };
+
+    let granted = pool(Some(python_component()));
+    let ok = run(&granted, &work).await.unwrap().ending;
+    assert_eq!(
+        (ok.status, &ok.stdout[..]),
+        (Status::Succeeded, &b"abc\n"[..])
+    );
+    // A directory beside the work root, mounted as if a parent had gone wrong: the worker's main
+    // thread is refused its file.
+    let refused = run(&granted, &elsewhere).await.unwrap().ending;
+    assert_eq!(refused.status, Status::Failed);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("PermissionError") && stderr.contains("/input/in.txt"),
+        "{stderr}"
+    );
+
+    // The component not granted: its read, on the blocking pool, is refused.
+    let e = run(&pool(None), &work).await.unwrap_err().to_string();
+    assert!(e.contains("Permission denied"), "{e}");
+    assert!(e.contains("python-runtime.wasm"), "{e}");
 }
 
 #[tokio::test]

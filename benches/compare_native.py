@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the benchmark steps under native python3 and under `stepbox run`, side by side, as ratios.
 
-    python3 benches/compare_native.py [--stepbox target/release/stepbox] [--runs 7]
+    python3 benches/compare_native.py [--stepbox target/release/stepbox] [--runs 7] [--data]
 
 For each step it reports medians of:
   - process wall time: `python3 step.py` vs `stepbox run step.py` (includes process start and, for
@@ -11,6 +11,10 @@ For each step it reports medians of:
     and in the sandbox (the fair CPU comparison).
 Both sides run in this one invocation on this machine, so the ratios are comparable even when the
 absolute numbers move with load.
+
+`--data` adds the pandas step on the `python-data` runtime, against native pandas of the same
+version (the venv guest-runtime/python-data/native-env.sh makes). `STEPBOX_ISOLATION=in-process`
+measures in-process runs instead of sandbox workers.
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STEPS = ["hello.py", "cpu_heavy.py"]
+STEPS = ["hello.py", "cpu_heavy.py", "files_heavy.py"]
 
 
 def elapsed(stderr):
@@ -31,15 +35,15 @@ def elapsed(stderr):
     return float(m.group(1)) if m else None
 
 
-def native(step):
+def native(step, python=sys.executable):
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, step], capture_output=True, text=True, check=True)
+    p = subprocess.run([python, step], capture_output=True, text=True, check=True)
     return time.perf_counter() - t0, None, elapsed(p.stderr), p.stdout
 
 
-def sandboxed(stepbox, step, env):
+def sandboxed(stepbox, step, env, runtime="python"):
     t0 = time.perf_counter()
-    p = subprocess.run([stepbox, "run", "--json", step], capture_output=True, text=True, env=env)
+    p = subprocess.run([stepbox, "run", "--runtime", runtime, "--json", step], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     r = json.loads(p.stdout)
     if r["status"] != "SUCCEEDED":
@@ -59,6 +63,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stepbox", default=os.path.join(ROOT, "target/release/stepbox"))
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--data", action="store_true", help="also the pandas step on python-data")
     args = ap.parse_args()
     env = dict(os.environ)
     env.setdefault("STEPBOX_CACHE_DIR", os.path.join(ROOT, "target/bench-cache"))
@@ -68,12 +73,19 @@ def main():
     sandboxed(args.stepbox, os.path.join(HERE, "steps", "hello.py"), env)
     head = f"{'step':<14}{'native proc':>12}{'stepbox proc':>13}{'ratio':>8}{'guest':>10}{'native in-step':>15}{'sandbox in-step':>16}{'ratio':>8}"
     print(head)
-    for name in STEPS:
+    steps = [(name, sys.executable, "python") for name in STEPS]
+    if args.data:
+        venv = subprocess.run(["bash", os.path.join(ROOT, "guest-runtime/python-data/native-env.sh")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        steps.append(("pandas_heavy.py", venv, "python-data"))
+        # Warm the python-data artifact too (minutes on a cold cache).
+        sandboxed(args.stepbox, os.path.join(HERE, "steps", "hello.py"), env, "python-data")
+    for name, python, runtime in steps:
         step = os.path.join(HERE, "steps", name)
         n, s = [], []
         for _ in range(args.runs):  # interleaved, so drifting load hits both sides alike
-            n.append(native(step))
-            s.append(sandboxed(args.stepbox, step, env))
+            n.append(native(step, python))
+            s.append(sandboxed(args.stepbox, step, env, runtime))
         if n[0][3] != s[0][3]:
             sys.exit(f"{name}: stdout differs: native {n[0][3]!r} vs sandbox {s[0][3]!r}")
         med = lambda rows, i: None if rows[0][i] is None else statistics.median(r[i] for r in rows)

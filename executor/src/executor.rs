@@ -121,6 +121,7 @@ impl Executor {
                     work_root: Some(config.work_root.clone()),
                     cache_dir: engines.cache_dir().map(PathBuf::from),
                     python_component: runtimes.python_component().map(PathBuf::from),
+                    python_data_dir: runtimes.python_data_dir().map(|d| d.root().to_path_buf()),
                 },
             )),
         };
@@ -207,10 +208,8 @@ impl Executor {
         let job = job.validate(&self.policies)?;
         let limits = job.limits.clone();
         let fuel = limits.fuel.is_some();
-        // `python-data` stays in-process: its 160 MB module compiled with the workers' inlining
-        // takes tens of GB and many minutes (a worker engine without inlining would be a second
-        // multi-minute compile of it).
-        let in_worker = !fuel && job.job.runtime != RuntimeKind::PythonData;
+        // Fuel is counted in the guest: metered runs stay in-process, with epochs.
+        let in_worker = !fuel;
         let place = match (self.workers.as_ref().filter(|_| in_worker), job.job.runtime) {
             // The worker prepares; refuse here what it could only refuse later.
             (Some(pool), kind) => {
@@ -264,6 +263,7 @@ impl Executor {
             Place::Here(prepared) => {
                 let mut run = Run::new(
                     &self.engines,
+                    prepared.entry.engine(),
                     &job,
                     &dir,
                     mounts.as_deref(),

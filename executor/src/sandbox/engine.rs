@@ -68,6 +68,10 @@ pub enum Interruption {
 pub struct Engines {
     unmetered: Engine,
     metered: Engine,
+    /// With [`Interruption::External`] only: the engine for very large modules (the
+    /// `python-data` snapshot, ~160 MB), without Cranelift inlining, which takes tens of GB of
+    /// memory on such a module.
+    large: Option<Engine>,
     interruption: Interruption,
     cache_dir: Option<PathBuf>,
     stop: Arc<AtomicBool>,
@@ -83,6 +87,10 @@ impl std::fmt::Debug for Engines {
 }
 
 fn engine_config(fuel: bool, interruption: Interruption) -> Config {
+    engine_config_inlining(fuel, interruption, true)
+}
+
+fn engine_config_inlining(fuel: bool, interruption: Interruption, inlining: bool) -> Config {
     let mut config = Config::new();
     // A metered run keeps its epochs: fuel is counted in the guest, so it stays in-process.
     let epochs = fuel || interruption == Interruption::Epochs;
@@ -92,7 +100,7 @@ fn engine_config(fuel: bool, interruption: Interruption) -> Config {
         .cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(MAX_WASM_STACK + (1 << 20));
-    if !epochs {
+    if !epochs && inlining {
         // About a tenth fewer instructions on the Python runtime (counted with cachegrind);
         // compiling takes longer, once per cache. (`table_lazy_init(false)` saved another 3%
         // but initialising CPython's function table eagerly added ~1 ms to every instantiation.)
@@ -119,6 +127,14 @@ impl Engines {
         let metered = Engine::new(&engine_config(true, interruption))
             .map_err(anyhow::Error::from)
             .context("failed to create the metered wasmtime engine")?;
+        let large = match interruption {
+            Interruption::Epochs => None,
+            Interruption::External => Some(
+                Engine::new(&engine_config_inlining(false, interruption, false))
+                    .map_err(anyhow::Error::from)
+                    .context("failed to create the wasmtime engine for large modules")?,
+            ),
+        };
         if let Some(dir) = &cache_dir {
             prepare_private_dir(dir)?;
         }
@@ -142,6 +158,7 @@ impl Engines {
         Ok(Engines {
             unmetered,
             metered,
+            large,
             interruption,
             cache_dir,
             stop,
@@ -152,6 +169,15 @@ impl Engines {
     /// The engine for runs with (`true`) or without fuel metering.
     pub fn engine(&self, fuel: bool) -> &Engine {
         if fuel { &self.metered } else { &self.unmetered }
+    }
+
+    /// The engine for a very large module (`python-data`): the unmetered engine without
+    /// inlining in a worker process, else the same as [`Engines::engine`].
+    pub fn large_engine(&self, fuel: bool) -> &Engine {
+        match (&self.large, fuel) {
+            (Some(large), false) => large,
+            _ => self.engine(fuel),
+        }
     }
 
     /// Whether runs on the engine for `fuel` are interrupted in-process (epochs).
@@ -193,7 +219,7 @@ impl Engines {
         let engine = self.engine(fuel);
         let disk = match (&self.cache_dir, persist) {
             (Some(dir), true) => {
-                Some(dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))))
+                Some(dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel, ""))))
             }
             _ => None,
         };
@@ -245,20 +271,29 @@ fn cached<T>(
 }
 
 impl Engines {
-    /// A compiled core module for `wasm` (whose sha256 is `digest`), loaded from or written to
-    /// the disk cache when one is configured: the `python-data` runtime, ~160 MB, takes minutes
-    /// to compile.
+    /// A compiled core module for `wasm` (whose sha256 is `digest`) on the engine for large
+    /// modules ([`Engines::large_engine`]), loaded from or written to the disk cache when one is
+    /// configured: the `python-data` runtime, ~160 MB, takes minutes to compile.
     pub fn module_persisted(
         &self,
         wasm: &[u8],
         digest: &[u8; 32],
         fuel: bool,
     ) -> anyhow::Result<Prepared<Module>> {
-        let engine = self.engine(fuel);
-        let disk = self
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel))));
+        let engine = self.large_engine(fuel);
+        // The large engine differs from the others by a setting the compatibility hash may not
+        // cover (inlining): its artifacts get keys of their own.
+        let flavor = if self.large.is_some() && !fuel {
+            "large"
+        } else {
+            ""
+        };
+        let disk = self.cache_dir.as_ref().map(|dir| {
+            dir.join(format!(
+                "{}.cwasm",
+                artifact_key(engine, digest, fuel, flavor)
+            ))
+        });
         cached(
             disk,
             digest,
@@ -290,7 +325,7 @@ pub fn engine_name() -> String {
 }
 
 /// The cache file name: the input's digest plus everything that makes an artifact incompatible.
-fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool) -> String {
+fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool, flavor: &str) -> String {
     let mut compat = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut compat);
     let mut h = Sha256::new();
@@ -299,6 +334,9 @@ fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool) -> String {
     h.update(ENGINE_SETTINGS_VERSION.as_bytes());
     h.update([u8::from(fuel)]);
     h.update(compat.finish().to_le_bytes());
+    if !flavor.is_empty() {
+        h.update(flavor.as_bytes());
+    }
     hex::encode(h.finalize())
 }
 

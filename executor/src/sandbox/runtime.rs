@@ -125,6 +125,15 @@ pub struct PythonCall<'a> {
 }
 
 impl Entry {
+    /// The engine the entry was compiled on: its Store must be made on the same.
+    pub fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Entry::Python(pre) => pre.engine(),
+            Entry::PythonData(pre) | Entry::Module(pre) => pre.module().engine(),
+            Entry::Command(pre) => pre.instance_pre().engine(),
+        }
+    }
+
     /// Instantiates and runs the guest to its end. Returns its exit code, or the error that ended
     /// it, and the instantiation time.
     pub async fn run(
@@ -215,6 +224,8 @@ impl Linkers {
 pub struct Runtimes {
     engines: Arc<Engines>,
     linkers: [Linkers; 2],
+    /// The `python-data` linker on the large-module engine, when it is another engine.
+    large_data: Option<wasmtime::Linker<StepState>>,
     python_path: Option<PathBuf>,
     python: [tokio::sync::OnceCell<(ComponentPre<StepState>, String)>; 2],
     data_dir: Option<DataRuntimeDir>,
@@ -244,6 +255,12 @@ impl Runtimes {
             Linkers::new(engines.engine(false))?,
             Linkers::new(engines.engine(true))?,
         ];
+        let large = engines.large_engine(false);
+        let large_data = if wasmtime::Engine::same(large, engines.engine(false)) {
+            None
+        } else {
+            Some(Linkers::new(large)?.data)
+        };
         let python_path = python_component.or_else(|| {
             python_component_candidates()
                 .into_iter()
@@ -255,12 +272,18 @@ impl Runtimes {
         Ok(Runtimes {
             engines,
             linkers,
+            large_data,
             python_path,
             python: Default::default(),
             data_dir,
             python_data: Default::default(),
             wasm: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Uses the `python-data` runtime in `dir` (a worker process is told where its parent's is).
+    pub fn set_python_data_dir(&mut self, dir: Option<&Path>) {
+        self.data_dir = dir.and_then(DataRuntimeDir::open);
     }
 
     /// The Python component in use, if one was found.
@@ -389,14 +412,15 @@ impl Runtimes {
                 .map_err(|e| JobError::Internal(e.into()))?
                 .map_err(|e| unavailable(format!("the snapshot failed to compile: {e:#}")))?;
                 source = prepared.source;
-                let pre = self.linkers[usize::from(fuel)]
-                    .data
-                    .instantiate_pre(&prepared.artifact)
-                    .map_err(|e| {
-                        unavailable(format!(
-                            "the snapshot does not link against this host's WASI: {e:#}"
-                        ))
-                    })?;
+                let linker = match (&self.large_data, fuel) {
+                    (Some(large), false) => large,
+                    _ => &self.linkers[usize::from(fuel)].data,
+                };
+                let pre = linker.instantiate_pre(&prepared.artifact).map_err(|e| {
+                    unavailable(format!(
+                        "the snapshot does not link against this host's WASI: {e:#}"
+                    ))
+                })?;
                 Ok::<_, JobError>((pre, prepared.sha256))
             })
             .await?;

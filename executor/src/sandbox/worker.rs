@@ -88,6 +88,9 @@ pub struct WorkerConfig {
     pub cache_dir: Option<PathBuf>,
     /// The Python component.
     pub python_component: Option<PathBuf>,
+    /// The `python-data` runtime's directory, when the parent has one.
+    #[serde(default)]
+    pub python_data_dir: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -242,7 +245,8 @@ fn serve(config: &str) -> anyhow::Result<()> {
         config.cache_dir,
         Interruption::External,
     )?);
-    let runtimes = Runtimes::new(engines.clone(), config.python_component)?;
+    let mut runtimes = Runtimes::new(engines.clone(), config.python_component)?;
+    runtimes.set_python_data_dir(config.python_data_dir.as_deref());
     // Load the Python runner before saying ready, so no job pays for it.
     let (mut loaded, python) = match rt.block_on(runtimes.python(false)) {
         Ok(p) => (Some((p.cache, p.duration)), None),
@@ -303,11 +307,15 @@ fn confine(config: &WorkerConfig) -> anyhow::Result<crate::sandbox::landlock::La
         rw.push(dir.as_path());
     }
     // Read-only. One that is missing is not granted: loading it fails as it would anyway.
-    let ro: Vec<&Path> = [config.python_component.as_deref()]
-        .into_iter()
-        .flatten()
-        .filter(|p| p.exists())
-        .collect();
+    let ro: Vec<&Path> = [
+        config.python_component.as_deref(),
+        // The `python-data` runtime: its snapshot, and the directories its runs mount read-only.
+        config.python_data_dir.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|p| p.exists())
+    .collect();
     landlock::confine_worker(&rw, &ro)
 }
 
@@ -412,12 +420,8 @@ async fn run_job(
         .map_err(|e| anyhow::anyhow!("unknown runtime from the parent: {e}"))?;
     let prepared = match runtime {
         RuntimeKind::Python => runtimes.python(false).await,
-        // Compiling its 160 MB module with this engine's inlining takes tens of GB: the
-        // executor keeps `python-data` in-process, and a worker refuses it.
-        RuntimeKind::PythonData => Err(JobError::RuntimeUnavailable {
-            runtime,
-            reason: "python-data runs in the server's process, not in sandbox workers".into(),
-        }),
+        // Loaded (or compiled, on the engine for large modules) at the first such job.
+        RuntimeKind::PythonData => runtimes.python_data(false).await,
         RuntimeKind::Wasm => runtimes.wasm(&program, false).await,
     };
     let mut prepared = match prepared {
@@ -447,7 +451,15 @@ async fn run_job(
         (prepared.cache, prepared.duration) = (cache, duration);
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
-    let mut run = match Run::with_parts(engines, &header.parts, &limits, stdin, None, Some(tx)) {
+    let mut run = match Run::with_parts(
+        engines,
+        prepared.entry.engine(),
+        &header.parts,
+        &limits,
+        stdin,
+        None,
+        Some(tx),
+    ) {
         Ok(r) => r,
         Err(e) => {
             let e = JobError::Internal(e.context("failed to set up the run"));
@@ -799,7 +811,7 @@ impl WorkerPool {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // The worker never runs `python-data`: it does not even look for it.
+        // The worker does not search for `python-data`: the configuration names the parent's.
         cmd.env(crate::sandbox::data::PYTHON_DATA_DIR_ENV, "");
         let mut child = cmd.spawn().with_context(|| {
             format!(

@@ -14,7 +14,7 @@ use stepbox::{RunResult, RuntimeKind, Status, StepJob};
 use crate::common::*;
 
 /// Whether the runtime is there; panics under CI when it is not.
-fn present() -> bool {
+pub(crate) fn present() -> bool {
     executor()
         .runtimes()
         .availability(RuntimeKind::PythonData)

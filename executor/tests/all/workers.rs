@@ -437,6 +437,7 @@ async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
                 cache_dir: Some(cache_dir()),
                 // Without it the worker looks in the usual places, and finds the checkout's.
                 python_component,
+                ..WorkerConfig::default()
             },
         )
     };
@@ -534,4 +535,49 @@ async fn jobs_run_side_by_side_in_separate_workers() {
         .to_string();
     assert!(e.contains("no `_start` export"), "{e}");
     assert_eq!(pool.spawned(), 2);
+}
+
+/// `python-data` (pandas) runs in a worker too, compiled on the workers' engine for large modules:
+/// the same result as in-process, and its limits hold there.
+#[tokio::test]
+async fn a_pandas_step_runs_in_a_worker_like_in_process() {
+    if !crate::python_data::present() {
+        return;
+    }
+    let data = |src: &str| StepJob::new(stepbox::RuntimeKind::PythonData, src.to_string());
+    let mut job = data(
+        "import pandas as pd\ndf = pd.read_csv('/input/t.csv')\nprint(df.groupby('k')['v'].sum().to_dict())\ndf.to_csv('/output/o.csv', index=False)\n",
+    );
+    job.inputs = vec![input("t.csv", "k,v\na,1\nb,2\na,3\n")];
+    let w = wrun(job.clone()).await;
+    let here = run(job).await;
+    assert_status(&w, Status::Succeeded);
+    assert_eq!(out(&w), "{'a': 4, 'b': 2}\n");
+    assert_eq!((out(&w), err(&w)), (out(&here), err(&here)));
+    assert_eq!(
+        w.output("o.csv").unwrap().content,
+        here.output("o.csv").unwrap().content
+    );
+
+    // It is a worker that runs it: one is busy while the step sleeps.
+    let exec = workers();
+    let sleeper = exec.run(data("import time, numpy\ntime.sleep(1)\nprint('woke')"));
+    let (r, pid) = tokio::join!(sleeper, busy_pid(exec));
+    assert_status(&r.unwrap(), Status::Succeeded);
+    assert!(pid > 0);
+
+    let hit = wrun(with_limits(
+        data("import numpy as np\na = np.ones(300_000_000, dtype=np.uint8)\nprint(a.sum())"),
+        &["memory=256MiB"],
+    ))
+    .await;
+    assert_status(&hit, Status::MemoryExceeded);
+    let t = Instant::now();
+    let hit = wrun(with_limits(
+        data("import numpy as np\nwhile True:\n    np.sort(np.arange(100_000)[::-1])\n"),
+        &["wall_time=1s"],
+    ))
+    .await;
+    assert_status(&hit, Status::TimedOut);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }

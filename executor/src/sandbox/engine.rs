@@ -207,30 +207,138 @@ impl Engines {
         })
     }
 
-    /// A compiled component for `wasm` (whose sha256 is `digest`): when `persist` is set and a
-    /// cache directory is configured, loaded from or written to disk; otherwise compiled.
+    /// A compiled component for `wasm`: when `persist` is set and a cache directory is
+    /// configured, loaded from or written to disk; otherwise compiled.
     pub fn component(
         &self,
-        wasm: &[u8],
-        digest: &[u8; 32],
+        wasm: Wasm<'_>,
         fuel: bool,
         persist: bool,
     ) -> anyhow::Result<Prepared<Component>> {
         let engine = self.engine(fuel);
+        let (digest, bytes) = self.identify(wasm)?;
         let disk = match (&self.cache_dir, persist) {
             (Some(dir), true) => {
-                Some(dir.join(format!("{}.cwasm", artifact_key(engine, digest, fuel, ""))))
+                Some(dir.join(format!("{}.cwasm", artifact_key(engine, &digest, fuel, ""))))
             }
             _ => None,
         };
         cached(
             disk,
-            digest,
+            &digest,
             |path| load_own_artifact(engine, path),
-            || Ok(engine.precompile_component(wasm)?),
+            || Ok(engine.precompile_component(&bytes.get(&digest)?)?),
             |bytes| deserialize_component(engine, bytes),
         )
     }
+
+    /// The sha256 of `wasm`, and a way to its bytes. A file's digest is remembered in the cache
+    /// directory under the file's identity (device, inode, size, modification and change times),
+    /// so a file that has not changed is not read again when its artifact is in the cache: the
+    /// Python component is 63 MB and `python-data` 160 MB, ~0.1-0.25 s to read and hash for
+    /// every process (every sandbox worker) that loads them.
+    fn identify<'a>(&self, wasm: Wasm<'a>) -> anyhow::Result<([u8; 32], Bytes<'a>)> {
+        let path = match wasm {
+            Wasm::Bytes(b, digest) => return Ok((digest, Bytes::Here(b))),
+            Wasm::File(path) => path,
+        };
+        let read = || read_runtime_file(path);
+        let Some(memo) = self
+            .cache_dir
+            .as_ref()
+            .and_then(|dir| digest_memo(dir, path))
+        else {
+            let bytes = read()?;
+            return Ok((crate::job::digest::sha256(&bytes), Bytes::Read(bytes)));
+        };
+        if let Some(digest) = load_digest(&memo) {
+            return Ok((digest, Bytes::Later(path)));
+        }
+        let bytes = read()?;
+        let digest = crate::job::digest::sha256(&bytes);
+        if let Some(dir) = memo.parent()
+            && let Err(e) = prepare_private_dir(dir)
+                .and_then(|()| write_private_file(&memo, hex::encode(digest).as_bytes()))
+        {
+            tracing::warn!(path = %memo.display(), error = %format!("{e:#}"), "could not remember a file's digest");
+        }
+        Ok((digest, Bytes::Read(bytes)))
+    }
+}
+
+/// A program to compile.
+#[derive(Clone, Copy, Debug)]
+pub enum Wasm<'a> {
+    /// Bytes in memory, with their sha256.
+    Bytes(&'a [u8], [u8; 32]),
+    /// A file (a runtime): its sha256 is remembered in the cache directory by the file's identity.
+    File(&'a Path),
+}
+
+/// The bytes of a [`Wasm`], read only when they are needed (to compile).
+enum Bytes<'a> {
+    Here(&'a [u8]),
+    Read(Vec<u8>),
+    Later(&'a Path),
+}
+
+impl Bytes<'_> {
+    /// The bytes, checked against `digest` when they are read now.
+    fn get(&self, digest: &[u8; 32]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match self {
+            Bytes::Here(b) => (*b).into(),
+            Bytes::Read(b) => b.as_slice().into(),
+            Bytes::Later(path) => {
+                let b = read_runtime_file(path)?;
+                if crate::job::digest::sha256(&b) != *digest {
+                    bail!(
+                        "`{}` changed while it was being loaded: try again",
+                        path.display()
+                    );
+                }
+                b.into()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runtime files read by this thread, for the tests of the digest memo.
+    static FILE_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn read_runtime_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    #[cfg(test)]
+    FILE_READS.with(|n| n.set(n.get() + 1));
+    fs::read(path).with_context(|| format!("failed to read `{}`", path.display()))
+}
+
+/// Where the digest of the file at `path` is remembered: a name made of the file's identity.
+/// `None` when the file cannot be inspected (reading it will say why).
+fn digest_memo(cache_dir: &Path, path: &Path) -> Option<PathBuf> {
+    let m = fs::metadata(path).ok()?;
+    let identity = format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    );
+    Some(
+        cache_dir
+            .join("digests")
+            .join(hex::encode(crate::job::digest::sha256(identity.as_bytes()))),
+    )
+}
+
+/// A remembered digest, if the file is one this program wrote and holds one.
+fn load_digest(memo: &Path) -> Option<[u8; 32]> {
+    let text = load_own(memo, |p| Ok(fs::read_to_string(p)?)).ok()??;
+    hex::decode(text.trim()).ok()?.try_into().ok()
 }
 
 /// The artifact at `disk` when this program wrote it there, else `compile`d (and written there).
@@ -274,13 +382,9 @@ impl Engines {
     /// A compiled core module for `wasm` (whose sha256 is `digest`) on the engine for large
     /// modules ([`Engines::large_engine`]), loaded from or written to the disk cache when one is
     /// configured: the `python-data` runtime, ~160 MB, takes minutes to compile.
-    pub fn module_persisted(
-        &self,
-        wasm: &[u8],
-        digest: &[u8; 32],
-        fuel: bool,
-    ) -> anyhow::Result<Prepared<Module>> {
+    pub fn module_persisted(&self, wasm: Wasm<'_>, fuel: bool) -> anyhow::Result<Prepared<Module>> {
         let engine = self.large_engine(fuel);
+        let (digest, bytes) = self.identify(wasm)?;
         // The large engine differs from the others by a setting the compatibility hash may not
         // cover (inlining): its artifacts get keys of their own.
         let flavor = if self.large.is_some() && !fuel {
@@ -291,12 +395,12 @@ impl Engines {
         let disk = self.cache_dir.as_ref().map(|dir| {
             dir.join(format!(
                 "{}.cwasm",
-                artifact_key(engine, digest, fuel, flavor)
+                artifact_key(engine, &digest, fuel, flavor)
             ))
         });
         cached(
             disk,
-            digest,
+            &digest,
             |path| {
                 load_own(path, |path| {
                     // SAFETY: as for `load_own_artifact`.
@@ -304,7 +408,7 @@ impl Engines {
                     Ok(unsafe { Module::deserialize_file(engine, path) }?)
                 })
             },
-            || Ok(engine.precompile_module(wasm)?),
+            || Ok(engine.precompile_module(&bytes.get(&digest)?)?),
             |bytes| deserialize_module(engine, bytes),
         )
     }
@@ -487,7 +591,9 @@ mod tests {
                         let (wasm, cache) = (&wasm, cache.clone());
                         s.spawn(move || {
                             let e = Engines::with_interruption(Some(cache), interruption).unwrap();
-                            e.component(wasm, &digest, false, true).unwrap().source
+                            e.component(Wasm::Bytes(wasm, digest), false, true)
+                                .unwrap()
+                                .source
                         })
                     })
                     .collect();
@@ -502,6 +608,44 @@ mod tests {
     }
 
     #[test]
+    fn a_runtime_file_is_read_again_only_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let file = dir.path().join("runtime.wasm");
+        let wasm = wat::parse_str(WAT).unwrap();
+        fs::write(&file, &wasm).unwrap();
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        let first = engines.component(Wasm::File(&file), false, true).unwrap();
+        assert_eq!(first.source, CacheSource::Compiled);
+        assert_eq!(first.sha256, hex::encode(sha256(&wasm)));
+        let memo = digest_memo(&cache, &file).unwrap();
+        assert_eq!(fs::read_to_string(&memo).unwrap(), first.sha256);
+        assert_eq!(FILE_READS.with(|n| n.get()), 1);
+        // Unchanged: the digest comes from the memo and the artifact from the disk, so the file
+        // is not read at all.
+        let again = engines.component(Wasm::File(&file), false, true).unwrap();
+        assert_eq!(
+            (again.source, &again.sha256),
+            (CacheSource::Disk, &first.sha256)
+        );
+        assert_eq!(FILE_READS.with(|n| n.get()), 1, "read again");
+        // Changed (another program, same size): a new identity, so it is read and hashed again.
+        let other = wat::parse_str(WAT.replace("\"f\"", "\"g\"")).unwrap();
+        assert_eq!(other.len(), wasm.len());
+        fs::write(&file, &other).unwrap();
+        let changed = engines.component(Wasm::File(&file), false, true).unwrap();
+        assert_eq!(changed.sha256, hex::encode(sha256(&other)));
+        assert_eq!(changed.source, CacheSource::Compiled);
+        assert_eq!(FILE_READS.with(|n| n.get()), 2);
+        // A memo this program did not write (writable by others) is not believed.
+        let memo = digest_memo(&cache, &file).unwrap();
+        fs::write(&memo, hex::encode([0u8; 32])).unwrap();
+        fs::set_permissions(&memo, fs::Permissions::from_mode(0o666)).unwrap();
+        let distrusted = engines.component(Wasm::File(&file), false, true).unwrap();
+        assert_eq!(distrusted.sha256, hex::encode(sha256(&other)));
+    }
+
+    #[test]
     fn components_are_cached_in_memory_and_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
@@ -510,7 +654,7 @@ mod tests {
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, true)
+                .component(Wasm::Bytes(&wasm, digest), false, true)
                 .unwrap()
                 .source,
             CacheSource::Compiled
@@ -518,7 +662,7 @@ mod tests {
         // No memory cache here (the runtimes keep the linked entries): the next load is the disk's.
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, true)
+                .component(Wasm::Bytes(&wasm, digest), false, true)
                 .unwrap()
                 .source,
             CacheSource::Disk
@@ -526,7 +670,7 @@ mod tests {
         // Not persisted: compiled every time.
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, false)
+                .component(Wasm::Bytes(&wasm, digest), false, false)
                 .unwrap()
                 .source,
             CacheSource::Compiled
@@ -534,7 +678,7 @@ mod tests {
         // The metered engine is a different configuration: a separate artifact.
         assert_eq!(
             engines
-                .component(&wasm, &digest, true, true)
+                .component(Wasm::Bytes(&wasm, digest), true, true)
                 .unwrap()
                 .source,
             CacheSource::Compiled
@@ -555,7 +699,7 @@ mod tests {
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, true)
+                .component(Wasm::Bytes(&wasm, digest), false, true)
                 .unwrap()
                 .source,
             CacheSource::Disk
@@ -569,7 +713,9 @@ mod tests {
         let wasm = wat::parse_str(WAT).unwrap();
         let digest = sha256(&wasm);
         let engines = Engines::new(Some(cache.clone())).unwrap();
-        engines.component(&wasm, &digest, false, true).unwrap();
+        engines
+            .component(Wasm::Bytes(&wasm, digest), false, true)
+            .unwrap();
         let file = fs::read_dir(&cache)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -580,7 +726,7 @@ mod tests {
         let engines = Engines::new(Some(cache.clone())).unwrap();
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, true)
+                .component(Wasm::Bytes(&wasm, digest), false, true)
                 .unwrap()
                 .source,
             CacheSource::Compiled
@@ -593,7 +739,7 @@ mod tests {
         let engines = Engines::new(Some(cache)).unwrap();
         assert_eq!(
             engines
-                .component(&wasm, &digest, false, true)
+                .component(Wasm::Bytes(&wasm, digest), false, true)
                 .unwrap()
                 .source,
             CacheSource::Compiled

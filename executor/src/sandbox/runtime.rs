@@ -24,7 +24,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use crate::job::digest::sha256;
 use crate::job::request::{JobError, RuntimeKind};
 use crate::sandbox::data::{self, DataRuntimeDir};
-use crate::sandbox::engine::{CacheSource, Engines};
+use crate::sandbox::engine::{CacheSource, Engines, Wasm};
 use crate::sandbox::run::{GuestExit, StepState};
 
 /// Environment variable naming the Python runtime component.
@@ -352,10 +352,9 @@ impl Runtimes {
                 let path = self.python_path.clone().expect("checked by availability");
                 let engines = self.engines.clone();
                 let prepared = tokio::task::spawn_blocking(move || {
-                    let bytes = std::fs::read(&path).with_context(|| {
-                        format!("failed to read the Python component `{}`", path.display())
-                    })?;
-                    engines.component(&bytes, &sha256(&bytes), fuel, true)
+                    engines
+                        .component(Wasm::File(&path), fuel, true)
+                        .with_context(|| format!("the Python component `{}`", path.display()))
                 })
                 .await
                 .map_err(|e| JobError::Internal(e.into()))?
@@ -400,13 +399,9 @@ impl Runtimes {
                 let path = self.data_dir.as_ref().expect("checked").snapshot();
                 let engines = self.engines.clone();
                 let prepared = tokio::task::spawn_blocking(move || {
-                    let bytes = std::fs::read(&path).with_context(|| {
-                        format!(
-                            "failed to read the python-data snapshot `{}`",
-                            path.display()
-                        )
-                    })?;
-                    engines.module_persisted(&bytes, &sha256(&bytes), fuel)
+                    engines
+                        .module_persisted(Wasm::File(&path), fuel)
+                        .with_context(|| format!("the python-data snapshot `{}`", path.display()))
                 })
                 .await
                 .map_err(|e| JobError::Internal(e.into()))?
@@ -470,7 +465,7 @@ impl Runtimes {
         let linkers = &self.linkers[usize::from(fuel)];
         let entry = if is_component {
             let prepared = tokio::task::spawn_blocking(move || {
-                engines.component(&owned, &digest, fuel, false)
+                engines.component(Wasm::Bytes(&owned, digest), fuel, false)
             })
             .await
             .map_err(|e| JobError::Internal(e.into()))?

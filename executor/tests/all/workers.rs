@@ -426,7 +426,7 @@ async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("in.txt"), "abc").unwrap();
     }
-    let pool = |python_component: Option<PathBuf>| {
+    let pool = |python_component: Option<PathBuf>, cache: PathBuf| {
         WorkerPool::new(
             WorkerOptions {
                 program: env!("CARGO_BIN_EXE_stepbox").into(),
@@ -434,7 +434,7 @@ async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
             },
             WorkerConfig {
                 work_root: Some(work.clone()),
-                cache_dir: Some(cache_dir()),
+                cache_dir: Some(cache),
                 // Without it the worker looks in the usual places, and finds the checkout's.
                 python_component,
                 ..WorkerConfig::default()
@@ -486,7 +486,7 @@ async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
         .await
     };
 
-    let granted = pool(Some(python_component()));
+    let granted = pool(Some(python_component()), cache_dir());
     let ok = run(&granted, &work).await.unwrap().ending;
     assert_eq!(
         (ok.status, &ok.stdout[..]),
@@ -502,8 +502,13 @@ async fn a_worker_is_refused_what_it_was_not_granted_on_every_thread() {
         "{stderr}"
     );
 
-    // The component not granted: its read, on the blocking pool, is refused.
-    let e = run(&pool(None), &work).await.unwrap_err().to_string();
+    // The component not granted: its read, on the blocking pool, is refused. (A fresh cache, so
+    // the worker has to read it: with its digest and artifact cached it would only stat it.)
+    let fresh_cache = work.join("fresh-cache");
+    let e = run(&pool(None, fresh_cache), &work)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Permission denied"), "{e}");
     assert!(e.contains("python-runtime.wasm"), "{e}");
 }

@@ -37,6 +37,47 @@ import pandas.io.formats.style  # noqa: E402,F401
 import pandas.plotting  # noqa: E402,F401
 import pandas.tseries.offsets  # noqa: E402,F401
 
+
+def _asyncio_without_self_pipe():
+    """Let asyncio's selector event loop run without its self-pipe on WASI (the `python` runtime's
+    fix: see `_asyncio_without_self_pipe` in guest-runtime/python/app/stepbox_runner.py).
+
+    `BaseSelectorEventLoop.__init__` opens a socket pair (the "self-pipe") that only serves to wake
+    the loop's `select()` from another thread (`call_soon_threadsafe`) or from a signal handler
+    (`add_signal_handler`). The sandbox refuses sockets, so creating any event loop failed
+    (`OSError: [Errno 58] Not supported` from `socket._fallback_socketpair`). WASI has no threads
+    and delivers no signals, so nothing can need to wake the loop: on WASI it gets no self-pipe
+    (`_ssock` and `_csock` stay None; `_write_to_self` already returns then, closing skips the
+    pipe), and `add_signal_handler` raises NotImplementedError, as on loops without signal
+    support. Sockets themselves stay refused. Patched here, at build time, the classes are in the
+    snapshot every step starts from.
+    """
+    if sys.platform != "wasi":
+        return
+    try:
+        from asyncio import selector_events, unix_events
+    except BaseException:  # noqa: BLE001 - no asyncio, nothing to patch
+        return
+    loop_class = selector_events.BaseSelectorEventLoop
+    close_self_pipe = loop_class._close_self_pipe
+
+    def _make_self_pipe(self):
+        self._ssock = self._csock = None
+
+    def _close_self_pipe(self):
+        if self._ssock is not None:  # a subclass's own self-pipe
+            close_self_pipe(self)
+
+    def add_signal_handler(self, sig, callback, *args):
+        raise NotImplementedError("asyncio signal handlers are not supported on WASI (no signals)")
+
+    loop_class._make_self_pipe = _make_self_pipe
+    loop_class._close_self_pipe = _close_self_pipe
+    unix_events._UnixSelectorEventLoop.add_signal_handler = add_signal_handler
+
+
+_asyncio_without_self_pipe()
+
 VERSIONS = {
     "python": sys.version.split()[0],
     "numpy": numpy.__version__,

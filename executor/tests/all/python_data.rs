@@ -429,45 +429,7 @@ async fn asyncio_event_loops_run_without_sockets() {
     if !present() {
         return;
     }
-    let src = r#"
-import asyncio, errno, socket, time
-
-async def squares(n):
-    for i in range(n):
-        await asyncio.sleep(0)
-        yield i * i
-
-async def square(x):
-    await asyncio.sleep(0.01)
-    return x * x
-
-async def main():
-    print("gather", await asyncio.gather(*(square(i) for i in range(5))))
-    print("async generator", [v async for v in squares(4)])
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(square(i)) for i in (6, 7)]
-    print("task group", [t.result() for t in tasks])
-    try:
-        await asyncio.wait_for(asyncio.sleep(10), timeout=0.05)
-    except TimeoutError:
-        print("wait_for timed out")
-    start = time.monotonic()
-    await asyncio.sleep(0.2)
-    print("slept 0.2 s", time.monotonic() - start >= 0.2)
-    try:
-        asyncio.get_running_loop().add_signal_handler(2, print)
-    except NotImplementedError:
-        print("no signal handlers")
-
-asyncio.run(main())
-loop = asyncio.new_event_loop()
-print("new loop", loop.run_until_complete(square(3)))
-loop.close()
-try:
-    socket.socket()
-except OSError as exc:
-    print("socket refused", type(exc).__name__, errno.errorcode[exc.errno])
-"#;
+    let src = ASYNCIO_PROBE;
     // Unlike the `python` runtime (PermissionError), this port has no sockets at all: ENOTSUP.
     let r = run(data(src)).await;
     assert_status(&r, Status::Succeeded);

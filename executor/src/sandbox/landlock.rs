@@ -4,7 +4,8 @@
 //! job directory), so these rules never see a guest's own requests. They are for the day a guest
 //! escapes wasmtime (a miscompilation, a bug in a host call): the worker process it would then own
 //! may still only read and write beneath the work root (the job directories) and the artifact
-//! cache, and read the Python component. Every other path on the host (`/etc`, `/root`, the
+//! cache, and read the Python component and the `python-data` runtime's directory (its snapshot,
+//! and the library directories its runs mount read-only). Every other path on the host (`/etc`, `/root`, the
 //! server's configuration and keys, other users' files, `/proc/<another pid>`) is refused by the
 //! kernel with `EACCES`, whatever the worker's user may do. Files opened before the ruleset (the
 //! protocol pipes, `/dev/null`) stay open; metadata (`stat`, `readlink`) is not Landlock's.
@@ -19,7 +20,8 @@
 //! on, not threads already running (Landlock ABI 8 can confine all of them, which the kernels here
 //! lack): so the worker confines itself first thing, while it is its only thread ([`threads`]),
 //! before its async runtime, the engines' ticker, its helpers and, later, tokio's blocking pool and
-//! wasmtime's compiler threads exist, and grants what it loads after that (the Python component).
+//! wasmtime's compiler threads exist, and grants what it loads after that (the Python component,
+//! `python-data`).
 //!
 //! Compatibility is best effort: a kernel with an older Landlock enforces the rights it knows
 //! ("partially enforced"; before ABI 2, renames and links across directories are refused), one

@@ -18,4 +18,5 @@ pub mod run;
 pub mod runtime;
 #[cfg(target_os = "linux")]
 pub mod seccomp;
+pub mod wasi_files;
 pub mod worker;

@@ -207,6 +207,7 @@ impl Linkers {
     fn new(engine: &wasmtime::Engine) -> anyhow::Result<Linkers> {
         let mut component = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        super::wasi_files::shadow_file_streams(&mut component)?;
         let mut module = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::p1)?;
         let mut data = wasmtime::Linker::new(engine);

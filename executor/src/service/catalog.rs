@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
-use super::{StepService, cancelled, grpc_timeout, our_deadline, tenant_of, traced};
+use super::{StepService, cancelled, deadline_timer, grpc_timeout, tenant_of, traced};
 use crate::Executor;
 use crate::catalog::model::{Selector, check_name};
 use crate::catalog::{Catalog, CatalogError, StageConfig, StepRef};
@@ -318,13 +318,7 @@ impl StepService {
                 .map_err(|_| Status::unavailable("the server is shutting down"))?;
             work.await
         };
-        let deadline = deadline.map(our_deadline);
-        let timer = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let timer = deadline_timer(deadline);
         tokio::select! {
             r = work => r,
             () = timer => Err(Status::deadline_exceeded("the client's deadline passed; the cases were stopped and nothing was stored")),

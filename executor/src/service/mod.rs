@@ -183,6 +183,19 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// Resolves at our deadline for a request with the client's `deadline`, counted from now, when the
+/// handler starts, rather than from the timer's first poll (a `select!` may poll the job first,
+/// and under load its first poll can take longer than the margin below); never without one.
+fn deadline_timer(deadline: Option<Duration>) -> impl Future<Output = ()> + Send + 'static {
+    let at = deadline.map(|d| tokio::time::Instant::now() + our_deadline(d));
+    async move {
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Our deadline fires a little before tonic's own timeout layer would (which answers CANCELLED),
 /// so the client hears DEADLINE_EXCEEDED from us. The margin covers the epoch tick (a running
 /// guest yields to the timer once per tick) with room to spare.

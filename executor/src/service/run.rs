@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{EventStream, StepService, cancelled, grpc_timeout, our_deadline, tenant_of, traced};
+use super::{EventStream, StepService, cancelled, deadline_timer, grpc_timeout, tenant_of, traced};
 use crate::executor::StepVersionRef;
 use crate::job::checks::Check;
 use crate::job::request::StepJob;
@@ -134,13 +134,7 @@ impl StepService {
             Ok(response)
         };
         let cancelled = cancelled(self.cancel.clone());
-        let deadline = deadline.map(our_deadline);
-        let timer = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let timer = deadline_timer(deadline);
         let out = tokio::select! {
             r = work => r,
             () = timer => Err(Status::deadline_exceeded("the client's deadline passed; the job was stopped")),

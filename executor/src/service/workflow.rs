@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{StepService, cancelled, grpc_timeout, our_deadline, tenant_of, traced};
+use super::{StepService, cancelled, deadline_timer, grpc_timeout, tenant_of, traced};
 use crate::catalog::Catalog;
 use crate::catalog::model::StepRef;
 use crate::catalog::model::check_name;
@@ -347,13 +347,7 @@ impl StepService {
                     .map_err(|e| catalog_status(e.into(), ""))?;
                 Ok::<_, Status>(record)
             };
-            let deadline = deadline.map(our_deadline);
-            let timer = async move {
-                match deadline {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = deadline_timer(deadline);
             let closed = tx.closed();
             // A client that goes away cancels the run: dropping `run` stops its steps.
             let result = tokio::select! {
@@ -409,13 +403,7 @@ impl StepService {
     ) -> Result<T, Status> {
         let _place = self.place(tenant)?;
         let _in_flight = self.metrics.in_flight();
-        let deadline = deadline.map(our_deadline);
-        let timer = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let timer = deadline_timer(deadline);
         tokio::select! {
             r = work => r,
             () = timer => Err(Status::deadline_exceeded("the client's deadline passed; the cases were stopped and nothing was stored")),

@@ -158,3 +158,68 @@ try:
 except OSError as exc:
     print("socket refused", type(exc).__name__, errno.errorcode[exc.errno])
 "#;
+
+/// A step exercising file streams (`sandbox::wasi_files`): a 5 MiB write read back, reads at
+/// positions and after seeks, a positioned write, append mode, pwrite/pread, and the errors for a
+/// read-only input, a directory and a missing file. Check its result with `assert_file_semantics`.
+pub fn file_semantics_job() -> StepJob {
+    let src = r#"
+import hashlib, os
+big = bytes(range(256)) * (5 * 4096 + 7)  # 5 MiB + 1792 bytes: several stream chunks
+with open('/output/big.bin', 'wb') as f:
+    f.write(big)
+with open('/output/big.bin', 'rb') as f:
+    back = f.read()
+    print('big', len(back), back == big, f.read() == b'')
+with open('/input/in.txt', 'rb') as f:
+    print('head', f.read(5))
+    f.seek(7)
+    print('seek', f.read(5))
+    print('tell', f.tell())
+    print('rest', f.read())
+with open('/output/p.txt', 'w') as f:
+    f.write('0123456789')
+with open('/output/p.txt', 'r+') as f:
+    f.seek(2)
+    f.write('ab')
+with open('/output/p.txt', 'a') as f:
+    f.write('XY')
+    f.seek(0)
+    f.write('Z')  # append mode: still at the end
+fd = os.open('/output/p.txt', os.O_RDWR)
+print('pwrite', os.pwrite(fd, b'!', 1), 'pread', os.pread(fd, 4, 0))
+os.close(fd)
+print('p', open('/output/p.txt').read())
+for attempt in [lambda: open('/input/in.txt', 'w'), lambda: open('/input', 'rb').read(), lambda: open('/input/missing')]:
+    try:
+        attempt()
+        print('no error')
+    except OSError as e:
+        print(type(e).__name__)
+print('sha', hashlib.sha256(open('/output/big.bin', 'rb').read()).hexdigest()[:16])
+"#;
+    let mut job = py(src);
+    job.inputs = vec![input("in.txt", "hello, world\n")];
+    job
+}
+
+/// What `file_semantics_job` must print and leave, as CPython on Linux would.
+pub fn assert_file_semantics(r: &RunResult) {
+    use sha2::Digest as _;
+    assert_status(r, Status::Succeeded);
+    let big: Vec<u8> = (0..=255u8).cycle().take(256 * (5 * 4096 + 7)).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&big));
+    assert_eq!(
+        out(r),
+        format!(
+            "big {} True True\nhead b'hello'\nseek b'world'\ntell 12\nrest b'\\n'\n\
+             pwrite 1 pread b'0!ab'\np 0!ab456789XYZ\n\
+             PermissionError\nIsADirectoryError\nFileNotFoundError\nsha {}\n",
+            big.len(),
+            &sha[..16]
+        )
+    );
+    let files: Vec<_> = r.outputs.iter().map(|o| o.path.as_str()).collect();
+    assert_eq!(files, ["big.bin", "p.txt"]);
+    assert_eq!(&r.outputs[0].content[..], &big[..]);
+}

@@ -586,3 +586,10 @@ async fn a_pandas_step_runs_in_a_worker_like_in_process() {
     assert_status(&hit, Status::TimedOut);
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
+
+/// File streams do their I/O on the worker's guest thread, under its seccomp filter and Landlock
+/// (`pwritev2` for appends included): the same probe as in-process.
+#[tokio::test]
+async fn file_reads_and_writes_in_a_worker_keep_posix_semantics() {
+    assert_file_semantics(&wrun(file_semantics_job()).await);
+}

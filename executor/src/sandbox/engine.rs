@@ -190,21 +190,98 @@ impl Engines {
         self.cache_dir.as_deref()
     }
 
-    /// Compiles a core module from `wasm` (binary or WAT) whose sha256 is `digest`.
+    /// A caller's core module (a wasm step) whose sha256 is `digest`, compiled, or loaded from
+    /// the program cache ([`Engines::program`]).
     pub fn module(
         &self,
         wasm: &[u8],
         digest: &[u8; 32],
         fuel: bool,
     ) -> anyhow::Result<Prepared<Module>> {
+        let engine = self.engine(fuel);
+        self.program(
+            wasm.len(),
+            &artifact_key(engine, digest, fuel, "program"),
+            digest,
+            || Ok(engine.precompile_module(wasm)?),
+            |path| {
+                load_own(path, |path| {
+                    // SAFETY: as for `load_own_artifact`.
+                    #[allow(unsafe_code)]
+                    Ok(unsafe { Module::deserialize_file(engine, path) }?)
+                })
+            },
+            |bytes| deserialize_module(engine, bytes),
+        )
+    }
+
+    /// A caller's component (a wasm step) whose sha256 is `digest`, compiled, or loaded from
+    /// the program cache ([`Engines::program`]).
+    pub fn program_component(
+        &self,
+        wasm: &[u8],
+        digest: &[u8; 32],
+        fuel: bool,
+    ) -> anyhow::Result<Prepared<Component>> {
+        let engine = self.engine(fuel);
+        self.program(
+            wasm.len(),
+            &artifact_key(engine, digest, fuel, "program"),
+            digest,
+            || Ok(engine.precompile_component(wasm)?),
+            |path| load_own_artifact(engine, path),
+            |bytes| deserialize_component(engine, bytes),
+        )
+    }
+
+    /// Compiles a caller's program, or loads it from `<cache>/programs/<key>.cwasm`. A program
+    /// of at least [`PROGRAM_CACHE_MIN_BYTES`] is written there once compiled, so that the next
+    /// process that runs it (a sandbox worker, a later `stepbox run`) maps it instead of compiling
+    /// again (a 21 MB CPython module: ~7 s each time). The directory is kept to
+    /// [`PROGRAM_CACHE_BYTES`] and [`PROGRAM_CACHE_ENTRIES`], least recently used out first.
+    /// Failing to write or prune it never fails a run.
+    fn program<T>(
+        &self,
+        size: usize,
+        key: &str,
+        digest: &[u8; 32],
+        compile: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+        load: impl Fn(&Path) -> anyhow::Result<Option<T>>,
+        deserialize: impl FnOnce(&[u8]) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Prepared<T>> {
         let start = Instant::now();
-        let m = Module::new(self.engine(fuel), wasm)?;
-        Ok(Prepared {
-            artifact: m,
-            source: CacheSource::Compiled,
+        let done = |artifact: T, source: CacheSource| Prepared {
+            artifact,
+            source,
             duration: start.elapsed(),
             sha256: hex::encode(digest),
-        })
+        };
+        let dir = self
+            .cache_dir
+            .as_ref()
+            .filter(|_| size >= PROGRAM_CACHE_MIN_BYTES)
+            .map(|d| d.join("programs"));
+        let path = dir.as_ref().map(|d| d.join(format!("{key}.cwasm")));
+        if let Some(path) = &path
+            && let Some(a) = load(path)?
+        {
+            // Recently used: the last to be pruned.
+            let _ = fs::File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            return Ok(done(a, CacheSource::Disk));
+        }
+        let bytes = compile()?;
+        if let (Some(dir), Some(path)) = (&dir, &path) {
+            let kept = prepare_private_dir(dir)
+                .and_then(|()| write_private_file(path, &bytes))
+                .and_then(|()| prune_programs(dir, PROGRAM_CACHE_BYTES, PROGRAM_CACHE_ENTRIES));
+            if let Err(e) = kept {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled program");
+            }
+        }
+        Ok(done(deserialize(&bytes)?, CacheSource::Compiled))
     }
 
     /// A compiled component for `wasm`: when `persist` is set and a cache directory is
@@ -444,6 +521,46 @@ fn artifact_key(engine: &Engine, digest: &[u8; 32], fuel: bool, flavor: &str) ->
     hex::encode(h.finalize())
 }
 
+/// Caller programs (wasm steps) of at least this many bytes are kept in the program cache;
+/// smaller ones compile in milliseconds.
+pub const PROGRAM_CACHE_MIN_BYTES: usize = 64 << 10;
+/// Most bytes of compiled caller programs kept in `<cache>/programs`.
+pub const PROGRAM_CACHE_BYTES: u64 = 1 << 30;
+/// Most compiled caller programs kept in `<cache>/programs`.
+pub const PROGRAM_CACHE_ENTRIES: usize = 1024;
+
+/// Removes the least recently used artifacts of `dir` (by modification time, which a load
+/// renews) until at most `max_bytes` and `max_entries` are left. Processes that have an
+/// artifact mapped keep it: removing the name does not unmap it.
+fn prune_programs(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Result<()> {
+    let mut entries = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let meta = e.metadata()?;
+        let is_artifact = e.path().extension().is_some_and(|x| x == "cwasm");
+        if meta.is_file() && is_artifact {
+            entries.push((meta.modified()?, meta.len(), e.path()));
+        }
+    }
+    entries.sort();
+    let mut bytes: u64 = entries.iter().map(|e| e.1).sum();
+    let mut count = entries.len();
+    for (_, len, path) in entries {
+        if bytes <= max_bytes && count <= max_entries {
+            break;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            // Another process pruned it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        bytes -= len;
+        count -= 1;
+    }
+    Ok(())
+}
+
 /// Takes the exclusive lock of the artifact at `path` (a `.lock` file beside it), waiting for a
 /// process that holds it: on a cold cache, several processes starting at once (the workers of
 /// several `stepbox run`s, a test suite) compile each artifact once instead of all together.
@@ -643,6 +760,93 @@ mod tests {
         fs::set_permissions(&memo, fs::Permissions::from_mode(0o666)).unwrap();
         let distrusted = engines.component(Wasm::File(&file), false, true).unwrap();
         assert_eq!(distrusted.sha256, hex::encode(sha256(&other)));
+    }
+
+    /// A module of `bytes` bytes (most of it a data segment) with a `_start`.
+    fn module_of(bytes: usize) -> Vec<u8> {
+        let data = "a".repeat(bytes);
+        wat::parse_str(format!(
+            r#"(module (memory 2) (data (i32.const 0) "{data}") (func (export "_start")))"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn big_caller_programs_are_compiled_once_per_cache_small_ones_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let big = module_of(PROGRAM_CACHE_MIN_BYTES);
+        let small = module_of(100);
+        let load = |wasm: &[u8]| {
+            let engines = Engines::new(Some(cache.clone())).unwrap();
+            let m = engines.module(wasm, &sha256(wasm), false).unwrap();
+            assert!(m.artifact.get_export("_start").is_some());
+            m.source
+        };
+        // Each `Engines` is a new process's worth: nothing is shared but the directory.
+        assert_eq!(load(&big), CacheSource::Compiled);
+        assert_eq!(load(&big), CacheSource::Disk);
+        assert_eq!(load(&small), CacheSource::Compiled);
+        assert_eq!(load(&small), CacheSource::Compiled);
+        let kept: Vec<_> = fs::read_dir(cache.join("programs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        // The metered engine is another configuration: its own artifact.
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        let metered = engines.module(&big, &sha256(&big), true).unwrap();
+        assert_eq!(metered.source, CacheSource::Compiled);
+        // Components go the same way.
+        let component = wat::parse_str(WAT).unwrap();
+        let c = engines
+            .program_component(&component, &sha256(&component), false)
+            .unwrap();
+        assert_eq!(c.source, CacheSource::Compiled);
+        // Without a cache directory nothing is kept anywhere.
+        let engines = Engines::new(None).unwrap();
+        let m = engines.module(&big, &sha256(&big), false).unwrap();
+        assert_eq!(m.source, CacheSource::Compiled);
+    }
+
+    #[test]
+    fn the_program_cache_keeps_the_most_recently_used_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let put = |name: &str, len: usize, age_s: u64| {
+            let p = dir.path().join(name);
+            fs::write(&p, vec![0u8; len]).unwrap();
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(now - Duration::from_secs(age_s))
+                .unwrap();
+        };
+        put("old.cwasm", 400, 30);
+        put("mid.cwasm", 400, 20);
+        put("new.cwasm", 400, 10);
+        put("notes.txt", 10_000, 40);
+        let names = || {
+            let mut v: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        // Within budget: nothing goes.
+        prune_programs(dir.path(), 1200, 3).unwrap();
+        assert_eq!(
+            names(),
+            ["mid.cwasm", "new.cwasm", "notes.txt", "old.cwasm"]
+        );
+        // Over the byte budget: the oldest artifact goes (other files are not counted).
+        prune_programs(dir.path(), 1000, 3).unwrap();
+        assert_eq!(names(), ["mid.cwasm", "new.cwasm", "notes.txt"]);
+        // Over the entry budget.
+        prune_programs(dir.path(), 1000, 1).unwrap();
+        assert_eq!(names(), ["new.cwasm", "notes.txt"]);
     }
 
     #[test]

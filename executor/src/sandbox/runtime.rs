@@ -464,9 +464,9 @@ impl Runtimes {
         let engines = self.engines.clone();
         let owned = binary.into_owned();
         let linkers = &self.linkers[usize::from(fuel)];
-        let entry = if is_component {
+        let (entry, source) = if is_component {
             let prepared = tokio::task::spawn_blocking(move || {
-                engines.component(Wasm::Bytes(&owned, digest), fuel, false)
+                engines.program_component(&owned, &digest, fuel)
             })
             .await
             .map_err(|e| JobError::Internal(e.into()))?
@@ -474,11 +474,12 @@ impl Runtimes {
             let pre = linkers.component.instantiate_pre(&prepared.artifact).map_err(|e| {
                 bad(format!("the component needs imports this sandbox does not provide (only WASI 0.2): {e:#}"))
             })?;
-            Entry::Command(CommandPre::new(pre).map_err(|e| {
+            let command = CommandPre::new(pre).map_err(|e| {
                 bad(format!(
                     "the component is not a WASI command (it must export `wasi:cli/run`): {e:#}"
                 ))
-            })?)
+            })?;
+            (Entry::Command(command), prepared.source)
         } else {
             let prepared =
                 tokio::task::spawn_blocking(move || engines.module(&owned, &digest, fuel))
@@ -491,9 +492,10 @@ impl Runtimes {
                     "the module has no `_start` export: only WASI commands can run as steps".into(),
                 ));
             }
-            Entry::Module(linkers.module.instantiate_pre(module).map_err(|e| {
+            let pre = linkers.module.instantiate_pre(module).map_err(|e| {
                 bad(format!("the module needs imports this sandbox does not provide (only WASI preview 1): {e:#}"))
-            })?)
+            })?;
+            (Entry::Module(pre), prepared.source)
         };
         let mut map = self.wasm.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= WASM_ENTRIES
@@ -504,7 +506,7 @@ impl Runtimes {
         map.insert(key, entry.clone());
         Ok(PreparedEntry {
             entry,
-            cache: CacheSource::Compiled,
+            cache: source,
             duration: start.elapsed(),
             runtime_sha256: String::new(),
         })

@@ -252,3 +252,43 @@ async fn generate_writes_the_verified_program_and_reports_progress() {
     assert_eq!(t["model"], "m");
     assert_eq!(model.requests().len(), 2);
 }
+
+/// A wasm step of some size is compiled by the first process that runs it and mapped from the
+/// cache's `programs/` by the next (each `stepbox run` starts its own sandbox worker): a 21 MB
+/// CPython module took ~7 s to compile on every run before.
+#[test]
+fn a_big_wasm_step_is_compiled_once_per_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let data = "a".repeat(stepbox::sandbox::engine::PROGRAM_CACHE_MIN_BYTES);
+    write(
+        d.path(),
+        "big.wat",
+        &format!(
+            r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "\08\00\00\00\03\00\00\00ok\n")
+  (data (i32.const 16) "{data}")
+  (func (export "_start") (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 12)))))"#
+        ),
+    );
+    let cache = d.path().join("cache");
+    let run = || {
+        let o = stepbox_command(d.path())
+            .env("STEPBOX_CACHE_DIR", &cache)
+            .args(["run", "--json", "big.wat"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+        assert_eq!(v["status"], "SUCCEEDED", "{v}");
+        assert_eq!(v["stdout"], "ok\n", "{v}");
+        v["usage"]["compile_cache"].as_str().unwrap().to_string()
+    };
+    assert_eq!(run(), "compiled");
+    assert_eq!(run(), "disk");
+    assert_eq!(
+        std::fs::read_dir(cache.join("programs")).unwrap().count(),
+        1
+    );
+}

@@ -237,7 +237,7 @@ impl Engines {
     /// Compiles a caller's program, or loads it from `<cache>/programs/<key>.cwasm`. A program
     /// of at least [`PROGRAM_CACHE_MIN_BYTES`] is written there once compiled, so that the next
     /// process that runs it (a sandbox worker, a later `stepbox run`) maps it instead of compiling
-    /// again (a 21 MB CPython module: ~7 s each time). The directory is kept to
+    /// again (a 21 MB CPython module: 13 s each time here). The directory is kept to
     /// [`PROGRAM_CACHE_BYTES`] and [`PROGRAM_CACHE_ENTRIES`], least recently used out first.
     /// Failing to write or prune it never fails a run.
     fn program<T>(

@@ -70,8 +70,9 @@ fn define<T: WasiView + 'static>(linker: &mut Linker<T>) -> anyhow::Result<()> {
         "[method]descriptor.write-via-stream",
         |mut store, (fd, offset): (Resource<Descriptor>, u64)| {
             let table = store.data_mut().ctx().table;
-            let Some(file) = writable(table.get(&fd)?) else {
-                return Ok((Err(not_writable(table.get(&fd)?)),));
+            let file = match writable(table.get(&fd)?) {
+                Ok(file) => file,
+                Err(e) => return Ok((Err(e),)),
             };
             let stream: DynOutputStream = Box::new(FileWriter::new(file, Some(offset)));
             Ok((Ok(table.push(stream)?),))
@@ -81,8 +82,9 @@ fn define<T: WasiView + 'static>(linker: &mut Linker<T>) -> anyhow::Result<()> {
         "[method]descriptor.append-via-stream",
         |mut store, (fd,): (Resource<Descriptor>,)| {
             let table = store.data_mut().ctx().table;
-            let Some(file) = writable(table.get(&fd)?) else {
-                return Ok((Err(not_writable(table.get(&fd)?)),));
+            let file = match writable(table.get(&fd)?) {
+                Ok(file) => file,
+                Err(e) => return Ok((Err(e),)),
             };
             let stream: DynOutputStream = Box::new(FileWriter::new(file, None));
             Ok((Ok(table.push(stream)?),))
@@ -91,20 +93,13 @@ fn define<T: WasiView + 'static>(linker: &mut Linker<T>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The file behind a descriptor a stream may write to.
-fn writable(descriptor: &Descriptor) -> Option<Arc<std::fs::File>> {
+/// The file behind a descriptor a stream may write to, or wasmtime-wasi's error: a directory is
+/// a bad descriptor, a file opened without write permission is not permitted.
+fn writable(descriptor: &Descriptor) -> Result<Arc<std::fs::File>, ErrorCode> {
     match descriptor {
-        Descriptor::File(f) if !f.perms.write_not_permitted() => Some(f.file.clone()),
-        _ => None,
-    }
-}
-
-/// wasmtime-wasi's error for a write stream on `descriptor`: a directory is a bad descriptor, a
-/// file opened without write permission is not permitted.
-fn not_writable(descriptor: &Descriptor) -> ErrorCode {
-    match descriptor {
-        Descriptor::Dir(_) => ErrorCode::BadDescriptor,
-        Descriptor::File(_) => ErrorCode::NotPermitted,
+        Descriptor::File(f) if f.perms.write_not_permitted() => Err(ErrorCode::NotPermitted),
+        Descriptor::File(f) => Ok(f.file.clone()),
+        Descriptor::Dir(_) => Err(ErrorCode::BadDescriptor),
     }
 }
 

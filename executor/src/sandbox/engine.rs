@@ -4,7 +4,9 @@
 //! only runs that ask for fuel pay for it). Both use epoch interruption for wall time, ticked every
 //! [`EPOCH_TICK`] by one background thread. Compiled artifacts of the built-in runtimes are
 //! cached on disk in a private directory, keyed by the input's sha256, the wasmtime version and
-//! the engine settings; only files this program wrote there are ever deserialised. The in-memory
+//! the engine settings; only files this program wrote there are ever deserialised. Compiling a
+//! runtime prunes the artifacts no load has used lately down to [`RUNTIME_CACHE_BYTES`] and
+//! [`RUNTIME_CACHE_ENTRIES`] (an upgrade leaves the old ones behind). The in-memory
 //! cache is the runtimes' ([`crate::sandbox::runtime`]), so a program is hashed once.
 
 use std::fs;
@@ -238,8 +240,8 @@ impl Engines {
     /// of at least [`PROGRAM_CACHE_MIN_BYTES`] is written there once compiled, so that the next
     /// process that runs it (a sandbox worker, a later `stepbox run`) maps it instead of compiling
     /// again (a 21 MB CPython module: 13 s each time here). The directory is kept to
-    /// [`PROGRAM_CACHE_BYTES`] and [`PROGRAM_CACHE_ENTRIES`], least recently used out first.
-    /// Failing to write or prune it never fails a run.
+    /// [`PROGRAM_CACHE_BYTES`] and [`PROGRAM_CACHE_ENTRIES`], least recently used (to the hour:
+    /// [`renew`]) out first. Failing to write or prune it never fails a run.
     fn program<T>(
         &self,
         size: usize,
@@ -265,18 +267,14 @@ impl Engines {
         if let Some(path) = &path
             && let Some(a) = load(path)?
         {
-            // Recently used: the last to be pruned.
-            let _ = fs::File::options()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            renew(path);
             return Ok(done(a, CacheSource::Disk));
         }
         let bytes = compile()?;
         if let (Some(dir), Some(path)) = (&dir, &path) {
             let kept = prepare_private_dir(dir)
                 .and_then(|()| write_private_file(path, &bytes))
-                .and_then(|()| prune_programs(dir, PROGRAM_CACHE_BYTES, PROGRAM_CACHE_ENTRIES));
+                .and_then(|()| prune_lru(dir, PROGRAM_CACHE_BYTES, PROGRAM_CACHE_ENTRIES));
             if let Err(e) = kept {
                 tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled program");
             }
@@ -438,19 +436,25 @@ fn cached<T>(
     let mut _lock = None;
     if let Some(path) = &disk {
         if let Some(a) = load(path)? {
+            renew(path);
             return Ok(done(a, CacheSource::Disk));
         }
         _lock = Some(lock_artifact(path)?);
         if let Some(a) = load(path)? {
+            renew(path);
             return Ok(done(a, CacheSource::Disk));
         }
     }
     let bytes = compile()?;
-    if let Some(path) = &disk
-        && let Err(e) = write_private_file(path, &bytes)
-    {
-        // The cache is an optimisation: failing to write it must not fail the run.
-        tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled artifact");
+    if let Some(path) = &disk {
+        // The cache is an optimisation: failing to write or prune it must not fail the run.
+        if let Err(e) = write_private_file(path, &bytes) {
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled artifact");
+        } else if let Some(dir) = path.parent()
+            && let Err(e) = prune_lru(dir, RUNTIME_CACHE_BYTES, RUNTIME_CACHE_ENTRIES)
+        {
+            tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "could not prune the artifact cache");
+        }
     }
     Ok(done(deserialize(&bytes)?, CacheSource::Compiled))
 }
@@ -529,10 +533,37 @@ pub const PROGRAM_CACHE_BYTES: u64 = 1 << 30;
 /// Most compiled caller programs kept in `<cache>/programs`.
 pub const PROGRAM_CACHE_ENTRIES: usize = 1024;
 
+/// Most bytes of compiled runtimes (the Python and JavaScript components, `python-data`) kept at
+/// the top of the cache directory. Each build of the runtimes or of wasmtime, and each engine
+/// setting, makes new artifacts (the two `python-data` ones are ~380 MB); those of an upgraded
+/// installation are never loaded again, so without a budget the directory only grows. The live
+/// set is about 1 GB (both engines of every runtime).
+pub const RUNTIME_CACHE_BYTES: u64 = 4 << 30;
+/// Most compiled runtimes kept at the top of the cache directory (the live set is at most 8).
+pub const RUNTIME_CACHE_ENTRIES: usize = 32;
+
+/// A load renews an artifact's modification time (its place in [`prune_lru`]'s order) when it is
+/// older than this: an artifact in use is renewed at most once an hour, not by every process.
+const RENEW_AFTER: Duration = Duration::from_secs(3600);
+
+/// Marks the artifact at `path` as recently used. Best effort: a read-only cache still works.
+fn renew(path: &Path) {
+    let now = std::time::SystemTime::now();
+    let stale = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > RENEW_AFTER));
+    if stale {
+        let _ = fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(now));
+    }
+}
+
 /// Removes the least recently used artifacts of `dir` (by modification time, which a load
-/// renews) until at most `max_bytes` and `max_entries` are left. Processes that have an
-/// artifact mapped keep it: removing the name does not unmap it.
-fn prune_programs(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Result<()> {
+/// renews) and their lock files until at most `max_bytes` and `max_entries` are left.
+/// Processes that have an artifact mapped keep it: removing the name does not unmap it.
+fn prune_lru(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Result<()> {
     let mut entries = Vec::new();
     for e in fs::read_dir(dir)? {
         let e = e?;
@@ -555,6 +586,7 @@ fn prune_programs(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Res
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
+        let _ = fs::remove_file(path.with_extension("lock"));
         bytes -= len;
         count -= 1;
     }
@@ -824,6 +856,7 @@ mod tests {
                 .unwrap();
         };
         put("old.cwasm", 400, 30);
+        put("old.lock", 0, 30);
         put("mid.cwasm", 400, 20);
         put("new.cwasm", 400, 10);
         put("notes.txt", 10_000, 40);
@@ -836,16 +869,22 @@ mod tests {
             v
         };
         // Within budget: nothing goes.
-        prune_programs(dir.path(), 1200, 3).unwrap();
+        prune_lru(dir.path(), 1200, 3).unwrap();
         assert_eq!(
             names(),
-            ["mid.cwasm", "new.cwasm", "notes.txt", "old.cwasm"]
+            [
+                "mid.cwasm",
+                "new.cwasm",
+                "notes.txt",
+                "old.cwasm",
+                "old.lock"
+            ]
         );
-        // Over the byte budget: the oldest artifact goes (other files are not counted).
-        prune_programs(dir.path(), 1000, 3).unwrap();
+        // Over the byte budget: the oldest artifact and its lock go (other files are not counted).
+        prune_lru(dir.path(), 1000, 3).unwrap();
         assert_eq!(names(), ["mid.cwasm", "new.cwasm", "notes.txt"]);
         // Over the entry budget.
-        prune_programs(dir.path(), 1000, 1).unwrap();
+        prune_lru(dir.path(), 1000, 1).unwrap();
         assert_eq!(names(), ["new.cwasm", "notes.txt"]);
     }
 
@@ -908,6 +947,81 @@ mod tests {
                 .source,
             CacheSource::Disk
         );
+    }
+
+    /// Sets the modification time of `path` to `age` ago.
+    fn age(path: &Path, age: Duration) {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+    }
+
+    #[test]
+    fn compiling_a_runtime_prunes_artifacts_no_installation_loads_any_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        prepare_private_dir(&cache).unwrap();
+        // What earlier builds left: a full budget of artifacts, the oldest first.
+        let stale: Vec<PathBuf> = (0..RUNTIME_CACHE_ENTRIES)
+            .map(|i| {
+                let p = cache.join(format!("stale-{i:02}.cwasm"));
+                write_private_file(&p, b"old code").unwrap();
+                fs::write(p.with_extension("lock"), b"").unwrap();
+                age(&p, Duration::from_secs(86_400 * 30 - i as u64 * 60));
+                p
+            })
+            .collect();
+        // A program in the program cache is on another budget.
+        let program = cache.join("programs").join("p.cwasm");
+        prepare_private_dir(program.parent().unwrap()).unwrap();
+        write_private_file(&program, b"a program").unwrap();
+        age(&program, Duration::from_secs(86_400 * 60));
+
+        let wasm = wat::parse_str(WAT).unwrap();
+        let engines = Engines::new(Some(cache.clone())).unwrap();
+        let c = engines
+            .component(Wasm::Bytes(&wasm, sha256(&wasm)), false, true)
+            .unwrap();
+        assert_eq!(c.source, CacheSource::Compiled);
+        // One over the budget: the least recently used one and its lock went, nothing else.
+        assert!(!stale[0].exists() && !stale[0].with_extension("lock").exists());
+        assert!(stale[1..].iter().all(|p| p.exists()));
+        assert!(stale[1].with_extension("lock").exists());
+        assert!(program.exists());
+        let artifacts = fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                let p = e.as_ref().unwrap().path();
+                p.is_file() && p.extension().is_some_and(|x| x == "cwasm")
+            })
+            .count();
+        assert_eq!(artifacts, RUNTIME_CACHE_ENTRIES);
+        // A load from the disk renews what it loads (once it is older than an hour), so the
+        // artifacts in use are the last to go.
+        let path = cache.join(format!(
+            "{}.cwasm",
+            artifact_key(engines.engine(false), &sha256(&wasm), false, "")
+        ));
+        age(&path, Duration::from_secs(7200));
+        let c = engines
+            .component(Wasm::Bytes(&wasm, sha256(&wasm)), false, true)
+            .unwrap();
+        assert_eq!(c.source, CacheSource::Disk);
+        let age_now = |p: &Path| {
+            std::time::SystemTime::now()
+                .duration_since(fs::metadata(p).unwrap().modified().unwrap())
+                .unwrap_or_default()
+        };
+        assert!(age_now(&path) < Duration::from_secs(600));
+        // Recently renewed: not written again by the next load.
+        age(&path, Duration::from_secs(1800));
+        engines
+            .component(Wasm::Bytes(&wasm, sha256(&wasm)), false, true)
+            .unwrap();
+        assert!(age_now(&path) > Duration::from_secs(1700));
     }
 
     #[test]

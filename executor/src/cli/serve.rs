@@ -196,11 +196,16 @@ impl ServeArgs {
             });
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Scheduled firings' steps take the same slots as every other job, so a schedule never
+        // runs more than `concurrency` steps alongside the gRPC and web ones.
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
+        options.slots = Some(slots.clone());
         let scheduler = match (&config.catalog.database, &options.catalog) {
             (Some(_), Some(handle)) => Some(tokio::spawn(run_scheduler(
                 handle.clone(),
                 config.workflows.clone(),
                 workflow_concurrency(&config),
+                slots,
                 options.grace,
                 stop_rx,
             ))),
@@ -252,11 +257,12 @@ fn replica_name() -> String {
 /// The workflow scheduler of a server with a configured `[catalog] database`: it waits for the
 /// database (retrying like the catalog handle, so a database down at start does not stop the
 /// server), then fires schedules until shutdown, and lets running firings finish within the
-/// grace period.
+/// grace period. Each firing's steps take `slots`, the server's.
 async fn run_scheduler(
     handle: std::sync::Arc<crate::service::catalog::CatalogHandle>,
     section: crate::workflow::schedule::WorkflowsSection,
     concurrency: usize,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     grace: std::time::Duration,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -296,7 +302,8 @@ async fn run_scheduler(
     ));
     let workflows =
         crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency)
-            .with_run_limit(section.artifact_limit.0);
+            .with_run_limit(section.artifact_limit.0)
+            .with_slots(slots);
     let options = SchedulerOptions {
         replica: replica_name(),
         ..SchedulerOptions::default()

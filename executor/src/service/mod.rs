@@ -98,6 +98,9 @@ pub struct ServerOptions {
     pub workflows: Option<crate::service::workflow::WorkflowOptions>,
     /// The web page, served on its own listener by the same service (None: off).
     pub web: Option<crate::web::WebServer>,
+    /// The running jobs' slots, when something outside the service takes them too (`stepbox
+    /// serve`'s scheduled firings); None: the service makes `concurrency` of its own.
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 impl Default for ServerOptions {
@@ -118,6 +121,7 @@ impl Default for ServerOptions {
             shared_runs: None,
             workflows: None,
             web: None,
+            slots: None,
         }
     }
 }
@@ -210,7 +214,10 @@ impl StepService {
         options: &ServerOptions,
         cancel: watch::Receiver<bool>,
     ) -> Result<StepService, GenerateError> {
-        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let slots = options
+            .slots
+            .clone()
+            .unwrap_or_else(|| Arc::new(Semaphore::new(options.concurrency.max(1))));
         Ok(StepService {
             metrics: options.metrics.clone(),
             generator: Arc::new(

@@ -1056,12 +1056,13 @@ impl Drop for Replica {
     }
 }
 
-fn start_replica(dir: &Path) -> Replica {
+/// `[server]` lines after `addr`, e.g. `concurrency = 1`.
+fn start_replica(dir: &Path, server: &str) -> Replica {
     let config = dir.join("stepbox.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\naddr = \"127.0.0.1:0\"\n[catalog]\ndatabase = \"{}\"\n\
+            "[server]\naddr = \"127.0.0.1:0\"\n{server}\n[catalog]\ndatabase = \"{}\"\n\
              [workflows]\noutput_roots = [\"{}\"]\nartifacts = \"{}\"\n",
             stepbox_store::Store::sqlite_url(&dir.join("catalog.db")),
             dir.join("out").display(),
@@ -1124,7 +1125,7 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
     for sub in ["out/local/inline", "out/local/published", "artifacts"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    let replica = start_replica(&d);
+    let replica = start_replica(&d, "");
     let channel = Channel::from_shared(format!("http://{}", replica.addr))
         .unwrap()
         .connect()
@@ -1270,4 +1271,104 @@ async fn schedules_over_grpc_fire_into_the_outbox_of_stepbox_serve() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     drop(replica);
+}
+
+/// A firing's step: sleeps, and writes when it ran (`START END`, seconds since the epoch).
+const TIMED: &str = "import time\nt0 = time.time()\ntime.sleep(0.3)\nopen('/output/span.txt', 'w').write(f'{t0} {time.time()}')\n";
+
+#[tokio::test]
+async fn scheduled_firings_of_stepbox_serve_take_its_slots_like_any_job() {
+    // One slot: a per-second schedule's steps and the RunStep calls of a client never run at
+    // once (before, the scheduler ran firings beside the server's `concurrency`).
+    let dir = tempfile::tempdir().unwrap();
+    let d = std::fs::canonicalize(dir.path()).unwrap();
+    for sub in ["out/local/timed", "artifacts"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    let replica = start_replica(&d, "concurrency = 1\nqueue = 4");
+    let channel = Channel::from_shared(format!("http://{}", replica.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut wf = StepWorkflowsClient::new(channel.clone());
+    let mut runs = stepbox::pb::step_executor_client::StepExecutorClient::new(channel);
+    let workflow = pb::InlineWorkflow {
+        toml: "name = \"timed\"\n[[steps]]\nid = \"timed\"\nprogram = \"timed.py\"\n\
+               [outputs]\nspan = \"steps.timed.outputs.span.txt\"\n"
+            .into(),
+        files: vec![file("timed.py", TIMED)],
+    };
+    let schedule = wf
+        .create_schedule(pb::CreateScheduleRequest {
+            workflow: Some(pb::create_schedule_request::Workflow::Inline(workflow)),
+            cron: "* * * * * *".into(),
+            timezone: "UTC".into(),
+            inputs: None,
+            outbox: d.join("out/local/timed").display().to_string(),
+            overlap: pb::ScheduleOverlap::Skip as i32,
+            catch_up_ms: 0,
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for_file(&d.join("out/local/timed"), "span-").await;
+
+    // Two client steps of 1.5 s each, while the schedule fires every second.
+    let mut spans = Vec::new();
+    for _ in 0..2 {
+        let r = runs
+            .run_step(pb::RunStepRequest {
+                step: Some(pb::Step {
+                    runtime: "python".into(),
+                    source:
+                        "import time\nt0 = time.time()\ntime.sleep(1.5)\nprint(t0, time.time())\n"
+                            .into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        spans.push(("RunStep".to_string(), out));
+    }
+    // Firings that waited for the slot run after the second call.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wf.pause_schedule(pb::ScheduleRequest {
+        schedule_id: schedule.id.clone(),
+    })
+    .await
+    .unwrap();
+    for e in std::fs::read_dir(d.join("out/local/timed"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("span-") {
+            spans.push((name, std::fs::read_to_string(e.path()).unwrap()));
+        }
+    }
+    let mut spans: Vec<(String, f64, f64)> = spans
+        .into_iter()
+        .map(|(who, text)| {
+            let mut t = text.split_whitespace().map(|x| x.parse::<f64>().unwrap());
+            let (a, b) = (t.next().unwrap(), t.next().unwrap());
+            (who, a, b)
+        })
+        .collect();
+    spans.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let firings = spans.iter().filter(|s| s.0.starts_with("span-")).count();
+    // The first firing, and at least one while or after the client's three seconds.
+    assert!(firings >= 2, "{spans:?}");
+    for w in spans.windows(2) {
+        assert!(
+            w[0].2 <= w[1].1,
+            "`{}` and `{}` ran at once on a server with one slot: {spans:?}",
+            w[0].0,
+            w[1].0
+        );
+    }
 }

@@ -13,7 +13,6 @@ use crate::cli::GlobalArgs;
 use crate::cli::workflow::CatalogArgs;
 use crate::job::limits::Millis;
 use crate::service::config::Config;
-use crate::workflow::Workflows;
 use crate::workflow::model::WorkflowFile;
 use crate::workflow::schedule::{
     Overlap, Schedule, ScheduleError, ScheduleInputs, Scheduler, SchedulerOptions, SystemClock,
@@ -116,9 +115,8 @@ pub struct CreateArgs {
 /// A scheduler on the catalog `args` name, with the configuration's `[workflows]`.
 async fn open(args: &CatalogArgs, global: &GlobalArgs) -> anyhow::Result<Scheduler> {
     let config = Config::load(args.config.as_deref(), std::env::vars())?;
-    let catalog = args.open(global).await?;
-    let artifacts = Arc::new(crate::cli::serve::artifacts_for(&config.workflows)?);
-    let workflows = Workflows::new(catalog.clone(), artifacts.clone(), 1);
+    let (catalog, workflows) = args.workflows_with(global, &config, 1).await?;
+    let artifacts = workflows.artifacts().clone();
     Scheduler::new(
         catalog.store().clone(),
         workflows,

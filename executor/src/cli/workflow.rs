@@ -12,7 +12,6 @@ use clap::{Args, Subcommand};
 
 use crate::catalog::Catalog;
 use crate::cli::GlobalArgs;
-use crate::workflow::artifacts::Artifacts;
 use crate::workflow::model::WorkflowFile;
 use crate::workflow::{StepState, WorkflowEvent, WorkflowRunRecord, Workflows};
 use crate::{Executor, JobError};
@@ -24,7 +23,8 @@ pub struct CatalogArgs {
     /// `[catalog] database`, else `~/.local/share/stepbox/catalog.db`).
     #[arg(long, env = "STEPBOX_CATALOG_DATABASE")]
     pub catalog: Option<String>,
-    /// The configuration file (for `[catalog]` stages and database).
+    /// The configuration file (for `[catalog]` stages and database, and the `[workflows]`
+    /// artifact store and run limit).
     #[arg(long, env = "STEPBOX_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -34,6 +34,41 @@ impl CatalogArgs {
     pub async fn open(&self, global: &GlobalArgs) -> anyhow::Result<Arc<Catalog>> {
         let config =
             crate::service::config::Config::load(self.config.as_deref(), std::env::vars())?;
+        self.open_with(global, &config).await
+    }
+
+    /// The catalog, and a workflow runner on it running `concurrency` steps at once with the
+    /// configuration's `[workflows]` artifact store and `artifact_limit`, as `stepbox serve`
+    /// and `stepbox schedule` use them.
+    pub async fn workflows(
+        &self,
+        global: &GlobalArgs,
+        concurrency: usize,
+    ) -> anyhow::Result<(Arc<Catalog>, Workflows)> {
+        let config =
+            crate::service::config::Config::load(self.config.as_deref(), std::env::vars())?;
+        self.workflows_with(global, &config, concurrency).await
+    }
+
+    /// [`CatalogArgs::workflows`] with the configuration already loaded.
+    pub async fn workflows_with(
+        &self,
+        global: &GlobalArgs,
+        config: &crate::service::config::Config,
+        concurrency: usize,
+    ) -> anyhow::Result<(Arc<Catalog>, Workflows)> {
+        let catalog = self.open_with(global, config).await?;
+        let artifacts = Arc::new(crate::cli::serve::artifacts_for(&config.workflows)?);
+        let runner = Workflows::new(catalog.clone(), artifacts, concurrency)
+            .with_run_limit(config.workflows.artifact_limit.0);
+        Ok((catalog, runner))
+    }
+
+    async fn open_with(
+        &self,
+        global: &GlobalArgs,
+        config: &crate::service::config::Config,
+    ) -> anyhow::Result<Arc<Catalog>> {
         let url = match &self.catalog {
             Some(u) => u.clone(),
             None => config.catalog.database_url()?,
@@ -134,8 +169,7 @@ impl WorkflowCommand {
             WorkflowCommand::Check { file, catalog } => {
                 let wf = WorkflowFile::load(&file).map_err(anyhow::Error::msg)?;
                 let plan = wf.plan().map_err(|e| bad_file(&file, e))?;
-                let catalog = catalog.open(global).await?;
-                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 1);
+                let (_, runner) = catalog.workflows(global, 1).await?;
                 runner.check(&plan).await.map_err(invalid)?;
                 println!(
                     "{}: workflow `{}` OK: {} steps, inputs: {}, outputs: {}",
@@ -156,8 +190,7 @@ impl WorkflowCommand {
                 let wf = WorkflowFile::load(&file).map_err(anyhow::Error::msg)?;
                 let cases = crate::workflow::publish::load_cases(&file, &wf)
                     .map_err(|e| anyhow::Error::new(JobError::invalid("cases", e)))?;
-                let catalog = catalog.open(global).await?;
-                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 2);
+                let (_, runner) = catalog.workflows(global, 2).await?;
                 let p = runner
                     .publish(&wf, cases, LOCAL_TENANT, unverified)
                     .await
@@ -201,8 +234,7 @@ impl WorkflowCommand {
             } => {
                 let r = crate::catalog::StepRef::parse("reference", &reference)
                     .map_err(|e| anyhow::Error::new(JobError::invalid(e.field, e.reason)))?;
-                let catalog = catalog.open(global).await?;
-                let runner = Workflows::new(catalog, Arc::new(artifacts()?), 2);
+                let (_, runner) = catalog.workflows(global, 2).await?;
                 let p = runner
                     .promote(&r, &stage, LOCAL_TENANT)
                     .await
@@ -309,19 +341,12 @@ fn invalid(e: crate::workflow::WorkflowError) -> anyhow::Error {
     }
 }
 
-fn artifacts() -> anyhow::Result<Artifacts> {
-    let dir = Artifacts::default_dir()
-        .context("no home directory for the artifact store (set XDG_DATA_HOME)")?;
-    Artifacts::open(&dir).map_err(anyhow::Error::msg)
-}
-
 impl WorkflowRunArgs {
     async fn execute(self, global: &GlobalArgs) -> anyhow::Result<u8> {
-        let catalog = self.catalog.open(global).await?;
         let concurrency = self
             .concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let runner = Workflows::new(catalog.clone(), Arc::new(artifacts()?), concurrency);
+        let (catalog, runner) = self.catalog.workflows(global, concurrency).await?;
         let arg = self.file.to_string_lossy().into_owned();
         let (plan, source) = if !self.file.exists()
             && let Ok(r) = crate::catalog::StepRef::parse("workflow", &arg)

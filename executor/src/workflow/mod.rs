@@ -233,6 +233,11 @@ impl Workflows {
         }
     }
 
+    /// Where it keeps files between steps.
+    pub fn artifacts(&self) -> &Arc<Artifacts> {
+        &self.artifacts
+    }
+
     /// The same runner with at most `bytes` held per run (inputs plus step outputs); a step
     /// whose outputs would pass it fails with `OUTPUT_EXCEEDED` and its successors are skipped.
     pub fn with_run_limit(mut self, bytes: u64) -> Workflows {

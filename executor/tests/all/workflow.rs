@@ -419,6 +419,66 @@ report = "steps.summary.outputs.report.md"
         err.contains("steps.a.inputs.f") && err.contains("bad.toml"),
         "{err}"
     );
+
+    // The configuration's `[workflows]` holds for `workflow run` as for `serve`: its artifact
+    // store, and its `artifact_limit` (here below the input's size: refused naming the key).
+    let config = d.join("stepbox.toml");
+    let store = d.join("configured-artifacts");
+    std::fs::write(
+        &config,
+        format!(
+            "[catalog]\ndatabase = {url:?}\n[workflows]\nartifacts = {:?}\nartifact_limit = 4096\n",
+            store.display().to_string()
+        ),
+    )
+    .unwrap();
+    let with_config = |args: &[&str]| {
+        let out = common::stepbox_command(d)
+            .env_remove("STEPBOX_CATALOG_DATABASE")
+            .env("STEPBOX_CONFIG", &config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let args = [
+        "workflow",
+        "run",
+        "monthly-report@prod",
+        "--input",
+        "sales=sales.csv",
+        "--output-dir",
+        "out3",
+    ];
+    let (code, _, err) = with_config(&args);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read_dir(&store).unwrap().count() > 0,
+        "nothing kept in `[workflows] artifacts`"
+    );
+    std::fs::write(
+        d.join("big.csv"),
+        format!("{SALES}{}", "2026-03,cy,1\n".repeat(1000)),
+    )
+    .unwrap();
+    let big = [
+        "workflow",
+        "run",
+        "monthly-report@prod",
+        "--input",
+        "sales=big.csv",
+    ];
+    let (code, _, err) = with_config(&big);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("artifact_limit"), "{err}");
+    // Without the configuration the default limit (256 MiB) lets it run.
+    let (code, _, err) = stepbox(&big);
+    assert!(code == Some(0) || code == Some(1), "{err}");
+    assert!(!err.contains("artifact_limit"), "{err}");
 }
 
 #[tokio::test]

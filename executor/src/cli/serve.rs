@@ -159,6 +159,9 @@ impl ServeArgs {
                         format!("failed to listen for the web page on {}", section.addr)
                     })?;
                 let web_addr = web.local_addr()?;
+                if config.tls.is_none() && !web_addr.ip().is_loopback() {
+                    tracing::warn!(addr = %web_addr, "the web page is served over plain HTTP on a non-loopback address: browsers keep its Secure sign-in cookie only over HTTPS, so put a TLS proxy in front or configure [tls]");
+                }
                 let parent = global
                     .work_root
                     .clone()
@@ -180,7 +183,12 @@ impl ServeArgs {
             let mut out = std::io::stdout().lock();
             writeln!(out, "listening on {local}")?;
             if let Some(w) = web {
-                writeln!(out, "web page on http://{w}")?;
+                let scheme = if options.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                writeln!(out, "web page on {scheme}://{w}")?;
             }
             out.flush()?;
         }

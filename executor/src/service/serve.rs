@@ -28,13 +28,6 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let service = StepService::new(executor, &options, cancel_rx)?;
-    // The web page stops accepting when the gRPC listener does; its runs are cancelled with
-    // the rest at the end of the grace period.
-    let (web_stop, web_stopping) = watch::channel(false);
-    let _web = AbortOnDrop(match options.web.take() {
-        Some(web) => Some(web.start(service.clone(), web_stopping)?),
-        None => None,
-    });
     let pruner = if let History::Shared(_) = service.history.as_ref() {
         let history = service.history.clone();
         Some(tokio::spawn(async move {
@@ -95,6 +88,13 @@ pub async fn serve(
         }
         None => None,
     };
+    // The web page stops accepting when the gRPC listener does; its runs are cancelled with
+    // the rest at the end of the grace period. It is served with the same TLS (and reload).
+    let (web_stop, web_stopping) = watch::channel(false);
+    let _web = AbortOnDrop(match options.web.take() {
+        Some(web) => Some(web.start(service.clone(), web_stopping, tls.clone())?),
+        None => None,
+    });
     let mut builder = tonic::transport::Server::builder();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -144,7 +144,10 @@ pub async fn serve(
     match tls {
         Some(tls) => {
             router
-                .serve_with_incoming_shutdown(tls.incoming(listener), signal)
+                .serve_with_incoming_shutdown(
+                    tls.incoming(listener, crate::service::tls::Door::Grpc),
+                    signal,
+                )
                 .await?
         }
         None => {

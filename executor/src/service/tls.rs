@@ -1,6 +1,7 @@
-//! TLS for the gRPC listener (rustls), reloadable without a restart.
+//! TLS for the gRPC listener and the web page's (rustls), reloadable without a restart.
 //!
-//! The certificate, key and optional client CA are read into a rustls `ServerConfig`; each new
+//! The certificate, key and optional client CA are read into rustls `ServerConfig`s, one per
+//! door (they differ only in ALPN: `h2` for gRPC, `http/1.1` for the web page); each new
 //! connection is accepted with the config current at that moment, so a reload (SIGHUP in
 //! `stepbox serve`) changes what new connections get while open ones keep theirs. A reload that
 //! fails (a missing or malformed file) keeps the previous config and is logged.
@@ -26,7 +27,35 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct ReloadableTls {
     section: TlsSection,
-    current: RwLock<Arc<rustls::ServerConfig>>,
+    current: RwLock<Configs>,
+}
+
+/// The configuration of each door, from the same files.
+#[derive(Clone, Debug)]
+struct Configs {
+    grpc: Arc<rustls::ServerConfig>,
+    web: Arc<rustls::ServerConfig>,
+}
+
+/// Which listener a connection arrives on: what it may negotiate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Door {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// The web page: HTTP/1.1 (what its server speaks).
+    Web,
+}
+
+fn configs(section: &TlsSection) -> anyhow::Result<Configs> {
+    let base = build(section)?;
+    let mut grpc = base.clone();
+    grpc.alpn_protocols = vec![b"h2".to_vec()];
+    let mut web = base;
+    web.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Configs {
+        grpc: Arc::new(grpc),
+        web: Arc::new(web),
+    })
 }
 
 fn build(section: &TlsSection) -> anyhow::Result<rustls::ServerConfig> {
@@ -65,38 +94,37 @@ fn build(section: &TlsSection) -> anyhow::Result<rustls::ServerConfig> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).with_context(|| {
+    builder.with_single_cert(certs, key).with_context(|| {
         format!(
             "TLS key `{}` does not match certificate `{}`",
             section.key.display(),
             section.cert.display()
         )
-    })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    })
 }
 
 impl ReloadableTls {
     /// Reads the files now; an error names the file.
     pub fn load(section: &TlsSection) -> anyhow::Result<Arc<ReloadableTls>> {
         Ok(Arc::new(ReloadableTls {
-            current: RwLock::new(Arc::new(build(section)?)),
+            current: RwLock::new(configs(section)?),
             section: section.clone(),
         }))
     }
 
     /// Re-reads the files; on failure the previous configuration stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let config = Arc::new(build(&self.section)?);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        let configs = configs(&self.section)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = configs;
         Ok(())
     }
 
-    fn current(&self) -> Arc<rustls::ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn current(&self, door: Door) -> Arc<rustls::ServerConfig> {
+        let configs = self.current.read().unwrap_or_else(|e| e.into_inner());
+        match door {
+            Door::Grpc => configs.grpc.clone(),
+            Door::Web => configs.web.clone(),
+        }
     }
 
     /// Accepts TCP connections on `listener` and completes their TLS handshakes concurrently; a
@@ -104,6 +132,7 @@ impl ReloadableTls {
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
+        door: Door,
     ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -120,7 +149,7 @@ impl ReloadableTls {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(self.current());
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.current(door));
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -34,6 +34,7 @@ use std::time::Duration;
 use crate::service::StepService;
 use crate::service::config::WebSection;
 use crate::service::tenancy::Tenants;
+use crate::service::tls::{Door, ReloadableTls};
 
 /// How the web door is bounded and where it keeps its files.
 #[derive(Clone, Debug)]
@@ -96,13 +97,14 @@ impl WebServer {
         }
     }
 
-    /// Starts serving on the tokio runtime. When `stop` turns true the listener closes and
-    /// requests in flight may finish; the task ends then, or when aborted (the gRPC server's
-    /// end).
+    /// Starts serving on the tokio runtime, over `tls` when given (the gRPC listener's: same
+    /// certificate, same reload). When `stop` turns true the listener closes and requests in
+    /// flight may finish; the task ends then, or when aborted (the gRPC server's end).
     pub fn start(
         self,
         service: StepService,
         mut stop: tokio::sync::watch::Receiver<bool>,
+        tls: Option<Arc<ReloadableTls>>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = self
             .listener
@@ -124,13 +126,67 @@ impl WebServer {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
+            let served = match tls {
+                Some(tls) => {
+                    let listener = TlsListener {
+                        addr: listener.local_addr(),
+                        incoming: tls.incoming(listener, Door::Web),
+                    };
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                None => {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "the web server stopped");
             }
             prune.abort();
         }))
+    }
+}
+
+/// The web page's listener over TLS: connections whose handshake has completed
+/// ([`ReloadableTls::incoming`]).
+struct TlsListener {
+    addr: std::io::Result<std::net::SocketAddr>,
+    incoming: tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr();
+                    match peer {
+                        Ok(peer) => return (stream, peer),
+                        // Gone already.
+                        Err(_) => continue,
+                    }
+                }
+                // Failed handshakes are logged where they happen and never sent.
+                Some(Err(_)) => continue,
+                // The acceptor ended (it ends only with the listener): accept nothing more.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.addr {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
     }
 }

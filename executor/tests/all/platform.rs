@@ -323,6 +323,108 @@ async fn tls_with_client_certificates() {
 }
 
 #[tokio::test]
+async fn the_web_page_is_served_over_the_servers_tls_and_reloads_with_it() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // Two CAs: the certificate in force before the reload and the one after.
+    let authority = || {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    };
+    let (ca1, cert1, key1) = authority();
+    let (ca2, cert2, key2) = authority();
+    let d = tempfile::tempdir().unwrap();
+    let (cert, key) = (d.path().join("s.crt"), d.path().join("s.key"));
+    std::fs::write(&cert, &cert1).unwrap();
+    std::fs::write(&key, &key1).unwrap();
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_addr = web.local_addr().unwrap();
+    let options = ServerOptions {
+        tls: Some(TlsSection {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        }),
+        web: Some(stepbox::web::WebServer::new(
+            web,
+            stepbox::web::WebOptions::from_section(
+                &stepbox::service::config::WebSection::default(),
+                64 << 20,
+                Arc::new(Tenants::default()),
+                d.path().join("web"),
+            ),
+        )),
+        ..ServerOptions::default()
+    };
+    let reload = options.reload.clone();
+    let (_addr, stop, _work) = start(options, true).await;
+
+    // A new client (no pooled connection) trusting only `ca`.
+    let get = |ca: &str| {
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
+            .resolve("localhost", web_addr)
+            .build()
+            .unwrap();
+        async move {
+            let r = client
+                .get(format!("https://localhost:{}/runs", web_addr.port()))
+                .send()
+                .await?;
+            let status = r.status();
+            Ok::<_, reqwest::Error>((status, r.text().await?))
+        }
+    };
+    let mut answer = None;
+    for _ in 0..50 {
+        match get(&ca1).await {
+            Ok(a) => {
+                answer = Some(a);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let (status, body) = answer.expect("the web page answers over TLS");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<title>History · Stepbox</title>"), "{body}");
+    // Not over plain HTTP on the same port.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{web_addr}/runs"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    // A certificate from the other CA is refused until the files change and are reloaded.
+    assert!(get(&ca2).await.is_err());
+    std::fs::write(&cert, &cert2).unwrap();
+    std::fs::write(&key, &key2).unwrap();
+    reload.notify_one();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, _) = loop {
+        match get(&ca2).await {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the web page still serves the old certificate: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(status, 200);
+    assert!(get(&ca1).await.is_err());
+    let _ = stop.send(());
+}
+
+#[tokio::test]
 async fn a_tenant_sees_only_its_own_runs() {
     let tenant = |name: &str| TenantConfig {
         name: name.into(),

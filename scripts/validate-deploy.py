@@ -44,6 +44,11 @@ dockerfile = (root / "Dockerfile").read_text()
 check(re.search(r"^USER\s+10001", dockerfile, re.M) is not None, "Dockerfile runs as non-root")
 check("guest-runtime/python/build.sh" in dockerfile, "Dockerfile builds the guest runtime")
 check(len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2, "Dockerfile is multi-stage")
+check("guest-runtime/python-data/build.sh" in dockerfile and "STEPBOX_PYTHON_DATA_DIR=" in dockerfile,
+      "Dockerfile builds and ships the python-data runtime")
+cache = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
+check(cache["emptyDir"]["sizeLimit"] in ("2Gi", "3Gi", "4Gi"),
+      "the cache volume holds the compiled runtimes of python and python-data (~0.9 GB)")
 
 # The hand-off example: a CronJob calling a published workflow through the client image.
 cron_docs = [d for d in yaml.safe_load_all((root / "deploy/k8s/cronjob-monthly-report.yaml").read_text()) if d]

@@ -2,10 +2,11 @@
 
 In the sandbox each of these is a WASI host call (clock, fd_fdstat_get, path_filestat_get,
 path_open + fd_close, fd_readdir, fd_write); natively a system call or vDSO read. Run it natively
-and with `stepbox run` and compare the lines:
+and with `stepbox run` (either runtime) and compare the lines:
 
     python3 benches/steps/host_calls.py
     target/release/stepbox run benches/steps/host_calls.py
+    target/release/stepbox run --runtime python-data benches/steps/host_calls.py
 """
 import os
 import sys
@@ -18,6 +19,10 @@ with open(f, "w") as fh:
     fh.write("x")
 for i in range(20):
     open(os.path.join(d, f"g{i}"), "w").close()
+big = os.path.join(d, "big")
+os.mkdir(big)
+for i in range(4000):
+    open(os.path.join(big, f"entry-{i:05d}"), "w").close()
 missing = os.path.join(d, "missing")
 devnull = open(os.path.join(d, "sink"), "w")
 
@@ -44,6 +49,7 @@ cases = [
     ("os.path.exists(missing)", lambda: os.path.exists(missing), 20_000),
     ("open+read+close", lambda: open(f).read(), 10_000),
     ("os.listdir(22 entries)", lambda: os.listdir(d), 5_000),
+    ("os.listdir(4000 entries)", lambda: os.listdir(big), 20),
     ("write+flush 1 byte", write_flush, 20_000),
 ]
 print(len(cases))

@@ -19,4 +19,5 @@ pub mod runtime;
 #[cfg(target_os = "linux")]
 pub mod seccomp;
 pub mod wasi_files;
+pub mod wasi_readdir;
 pub mod worker;

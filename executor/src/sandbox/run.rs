@@ -120,6 +120,8 @@ enum Stop {
 /// The data of one run's Store.
 pub struct StepState {
     wasi: WasiP1Ctx,
+    /// Preview-1 directory listings ([`crate::sandbox::wasi_readdir`]).
+    dirs: crate::sandbox::wasi_readdir::DirListings,
     limiter: MemoryLimiter,
     deadline: Instant,
     limits: Limits,
@@ -146,6 +148,17 @@ impl StepState {
     /// The preview-1 context, for `wasmtime_wasi::p1::add_to_linker_async`.
     pub fn p1(&mut self) -> &mut WasiP1Ctx {
         &mut self.wasi
+    }
+
+    /// The preview-1 context and its directory listings, for
+    /// [`crate::sandbox::wasi_readdir::shadow_fd_readdir`].
+    pub fn p1_dirs(
+        &mut self,
+    ) -> (
+        &mut WasiP1Ctx,
+        &mut crate::sandbox::wasi_readdir::DirListings,
+    ) {
+        (&mut self.wasi, &mut self.dirs)
     }
 }
 
@@ -377,6 +390,7 @@ impl Run {
 
         let state = StepState {
             wasi: b.build_p1(),
+            dirs: Default::default(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             deadline: Instant::now() + limits.wall_time,
             limits: limits.clone(),

@@ -210,8 +210,10 @@ impl Linkers {
         super::wasi_files::shadow_file_streams(&mut component)?;
         let mut module = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::p1)?;
+        super::wasi_readdir::shadow_fd_readdir(&mut module, StepState::p1_dirs)?;
         let mut data = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut data, StepState::p1)?;
+        super::wasi_readdir::shadow_fd_readdir(&mut data, StepState::p1_dirs)?;
         data::define_host(&mut data)?;
         Ok(Linkers {
             component,

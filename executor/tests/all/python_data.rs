@@ -441,3 +441,57 @@ async fn asyncio_event_loops_run_without_sockets() {
     );
     assert_eq!(err(&r), "");
 }
+
+/// Lists directories the ways data steps do. A listing is served from one read of the directory
+/// (`sandbox::wasi_readdir`): the entries, kinds, errors and later changes must be what CPython
+/// on Linux shows.
+const LISTINGS: &str = r#"
+import errno, os
+big = "/tmp/big"
+os.makedirs(big)
+for i in range(4000):
+    open(os.path.join(big, f"file-{i:05d}-{'x' * (i % 40)}.txt"), "w").close()
+os.makedirs(os.path.join(big, "sub"))
+names = sorted(os.listdir(big))
+print(len(names), names[:2], names[-2:])
+print(sorted((e.name, e.is_dir(), e.is_file()) for e in os.scandir(big) if e.name in ("sub", "file-00001-x.txt")))
+os.makedirs("/tmp/empty")
+print(os.listdir("/tmp/empty"))
+it = os.scandir(big)
+next(it)
+open(os.path.join(big, "late.txt"), "w").close()
+print(len(list(it)) in (4000, 4001), "late.txt" in os.listdir(big))
+it.close()
+a, b = os.scandir(big), os.scandir("/tmp/empty")
+print(sum(1 for _ in a), sum(1 for _ in b))
+print(sum(len(f) for _, _, f in os.walk("/tmp")))
+for path in ("/tmp/nope", os.path.join(big, "late.txt")):
+    try:
+        os.listdir(path)
+    except OSError as e:
+        print(type(e).__name__, errno.errorcode[e.errno])
+print(sorted(os.listdir("/input")))
+"#;
+
+#[tokio::test]
+async fn directory_listings_are_whole_and_current() {
+    if !present() {
+        return;
+    }
+    let mut job = data(LISTINGS);
+    job.inputs.push(input("a.csv", "x\n"));
+    job.inputs.push(input("b/c.csv", "y\n"));
+    assert_eq!(
+        ok(job).await,
+        "4001 ['file-00000-.txt', 'file-00001-x.txt'] \
+         ['file-03999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.txt', 'sub']\n\
+         [('file-00001-x.txt', False, True), ('sub', True, False)]\n\
+         []\n\
+         True True\n\
+         4002 0\n\
+         4001\n\
+         FileNotFoundError ENOENT\n\
+         NotADirectoryError ENOTDIR\n\
+         ['a.csv', 'b']\n"
+    );
+}

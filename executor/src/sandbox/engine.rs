@@ -546,6 +546,12 @@ pub const RUNTIME_CACHE_ENTRIES: usize = 32;
 /// older than this: an artifact in use is renewed at most once an hour, not by every process.
 const RENEW_AFTER: Duration = Duration::from_secs(3600);
 
+/// The name prefix of an artifact being written ([`write_private_file`]).
+const PARTIAL: &str = ".partial-";
+
+/// A partial write this old was abandoned (writing one takes seconds).
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
 /// Marks the artifact at `path` as recently used. Best effort: a read-only cache still works.
 fn renew(path: &Path) {
     let now = std::time::SystemTime::now();
@@ -561,7 +567,8 @@ fn renew(path: &Path) {
 }
 
 /// Removes the least recently used artifacts of `dir` (by modification time, which a load
-/// renews) and their lock files until at most `max_bytes` and `max_entries` are left.
+/// renews) and their lock files until at most `max_bytes` and `max_entries` are left, and
+/// partial writes abandoned over an hour ago.
 /// Processes that have an artifact mapped keep it: removing the name does not unmap it.
 fn prune_lru(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Result<()> {
     let mut entries = Vec::new();
@@ -571,6 +578,15 @@ fn prune_lru(dir: &Path, max_bytes: u64, max_entries: usize) -> anyhow::Result<(
         let is_artifact = e.path().extension().is_some_and(|x| x == "cwasm");
         if meta.is_file() && is_artifact {
             entries.push((meta.modified()?, meta.len(), e.path()));
+        }
+        // A write that never finished (its process was killed: a worker past its wall time, a
+        // server stopped): hundreds of MB that no rename will ever claim.
+        let abandoned = meta
+            .modified()?
+            .elapsed()
+            .is_ok_and(|age| age > ABANDONED_AFTER);
+        if meta.is_file() && e.file_name().to_string_lossy().starts_with(PARTIAL) && abandoned {
+            let _ = fs::remove_file(e.path());
         }
     }
     entries.sort();
@@ -642,9 +658,7 @@ fn prepare_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// Writes `bytes` to `path` atomically (temp file + rename) with mode 0600.
 fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(PARTIAL).tempfile_in(dir)?;
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(0o600))?;
     tmp.write_all(bytes)?;
@@ -860,6 +874,8 @@ mod tests {
         put("mid.cwasm", 400, 20);
         put("new.cwasm", 400, 10);
         put("notes.txt", 10_000, 40);
+        put(".partial-abandoned", 10_000, 7200);
+        put(".partial-being-written", 10_000, 5);
         let names = || {
             let mut v: Vec<_> = fs::read_dir(dir.path())
                 .unwrap()
@@ -868,11 +884,12 @@ mod tests {
             v.sort();
             v
         };
-        // Within budget: nothing goes.
+        // Within budget: no artifact goes; an abandoned partial write does.
         prune_lru(dir.path(), 1200, 3).unwrap();
         assert_eq!(
             names(),
             [
+                ".partial-being-written",
                 "mid.cwasm",
                 "new.cwasm",
                 "notes.txt",
@@ -882,10 +899,21 @@ mod tests {
         );
         // Over the byte budget: the oldest artifact and its lock go (other files are not counted).
         prune_lru(dir.path(), 1000, 3).unwrap();
-        assert_eq!(names(), ["mid.cwasm", "new.cwasm", "notes.txt"]);
+        assert_eq!(
+            names(),
+            [
+                ".partial-being-written",
+                "mid.cwasm",
+                "new.cwasm",
+                "notes.txt"
+            ]
+        );
         // Over the entry budget.
         prune_lru(dir.path(), 1000, 1).unwrap();
-        assert_eq!(names(), ["new.cwasm", "notes.txt"]);
+        assert_eq!(
+            names(),
+            [".partial-being-written", "new.cwasm", "notes.txt"]
+        );
     }
 
     #[test]

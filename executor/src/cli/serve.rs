@@ -311,6 +311,7 @@ async fn run_scheduler(
     let workflows =
         crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency)
             .with_run_limit(section.artifact_limit.0)
+            .with_run_retention(section.runs_kept())
             .with_slots(slots);
     let options = SchedulerOptions {
         replica: replica_name(),

@@ -60,7 +60,8 @@ impl CatalogArgs {
         let catalog = self.open_with(global, config).await?;
         let artifacts = Arc::new(crate::cli::serve::artifacts_for(&config.workflows)?);
         let runner = Workflows::new(catalog.clone(), artifacts, concurrency)
-            .with_run_limit(config.workflows.artifact_limit.0);
+            .with_run_limit(config.workflows.artifact_limit.0)
+            .with_run_retention(config.workflows.runs_kept());
         Ok((catalog, runner))
     }
 
@@ -402,15 +403,7 @@ impl WorkflowRunArgs {
         let record = record
             .map_err(invalid)?
             .with_origin(crate::workflow::Trigger::Manual, source);
-        store
-            .save_workflow_run(
-                LOCAL_TENANT,
-                &record.run_id,
-                &record.workflow,
-                &record.status,
-                &serde_json::to_value(&record)?,
-            )
-            .await?;
+        runner.save_run(LOCAL_TENANT, &record).await?;
         if let Some(dir) = &self.output_dir {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("failed to create `{}`", dir.display()))?;

@@ -94,6 +94,7 @@ impl WorkflowsHandle {
                 let o = &self.options;
                 let workflows = Workflows::new(catalog.clone(), o.artifacts.clone(), o.concurrency)
                     .with_run_limit(o.section.artifact_limit.0)
+                    .with_run_retention(o.section.runs_kept())
                     .with_slots(slots);
                 let scheduler = Scheduler::new(
                     catalog.store().clone(),
@@ -283,7 +284,6 @@ impl StepService {
         max_output_bytes: u64,
     ) -> Result<Response<WorkflowStream>, Status> {
         self.vet(&tenant, &target.plan).await?;
-        let store = self.workflow_catalog().await?.store().clone();
         let (workflows, _, o) = self.workflows().await?;
         let workflows = workflows.clone();
         let artifacts = o.artifacts.clone();
@@ -333,16 +333,8 @@ impl StepService {
                 if let Some(def) = &target.keep {
                     artifacts.put(def).map_err(Status::internal)?;
                 }
-                let value =
-                    serde_json::to_value(&record).map_err(|e| Status::internal(e.to_string()))?;
-                store
-                    .save_workflow_run(
-                        &tenant.name,
-                        &record.run_id,
-                        &record.workflow,
-                        &record.status,
-                        &value,
-                    )
+                workflows
+                    .save_run(&tenant.name, &record)
                     .await
                     .map_err(|e| catalog_status(e.into(), ""))?;
                 Ok::<_, Status>(record)

@@ -213,7 +213,34 @@ pub struct Workflows {
     /// Most bytes one run may hold: its inputs plus every file its steps write
     /// (`[workflows] artifact_limit`).
     pub run_limit: u64,
+    /// How many run records are kept, and for how long ([`Workflows::save_run`]).
+    retention: RunRetention,
+    /// When this runner last deleted old run records.
+    last_prune: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// Which workflow run records [`Workflows::save_run`] keeps: the newest `per_workflow` of each
+/// tenant's workflow, none older than `max_age` (`[workflows] run_history`, `run_retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunRetention {
+    /// Records kept per tenant and workflow.
+    pub per_workflow: u32,
+    /// Records older than this are deleted.
+    pub max_age: std::time::Duration,
+}
+
+impl Default for RunRetention {
+    /// 1000 per workflow, 90 days: as schedule firings are kept.
+    fn default() -> Self {
+        RunRetention {
+            per_workflow: 1000,
+            max_age: std::time::Duration::from_secs(90 * 86_400),
+        }
+    }
+}
+
+/// How often one runner deletes old run records (at its first save, then at most this often).
+pub const RUN_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The default [`Workflows::run_limit`]: `[workflows] artifact_limit`'s default.
 pub const DEFAULT_RUN_LIMIT: u64 = 256 << 20;
@@ -230,7 +257,66 @@ impl Workflows {
             concurrency: concurrency.max(1),
             slots: None,
             run_limit: DEFAULT_RUN_LIMIT,
+            retention: RunRetention::default(),
+            last_prune: Arc::default(),
         }
+    }
+
+    /// The same runner keeping run records within `retention`.
+    pub fn with_run_retention(mut self, retention: RunRetention) -> Workflows {
+        self.retention = retention;
+        self
+    }
+
+    /// Stores `record` as a run of `tenant` in the catalog's database (what `workflow record`,
+    /// `GetWorkflowRun` and a resume read). At the runner's first save, and then at most once
+    /// per [`RUN_PRUNE_EVERY`], it also deletes the run records past its [`RunRetention`]
+    /// (a per-minute schedule records half a million runs a year); a failed deletion is logged
+    /// and tried again at the next save.
+    pub async fn save_run(
+        &self,
+        tenant: &str,
+        record: &WorkflowRunRecord,
+    ) -> Result<(), stepbox_store::StoreError> {
+        let value = serde_json::to_value(record).map_err(|e| {
+            stepbox_store::StoreError::InvalidArgument {
+                field: "record",
+                reason: e.to_string(),
+            }
+        })?;
+        let store = self.catalog.store();
+        store
+            .save_workflow_run(
+                tenant,
+                &record.run_id,
+                &record.workflow,
+                &record.status,
+                &value,
+            )
+            .await?;
+        let due = {
+            let mut last = self.last_prune.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= RUN_PRUNE_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            let RunRetention {
+                per_workflow,
+                max_age,
+            } = self.retention;
+            match store.prune_workflow_runs(per_workflow, max_age).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "pruned old workflow run records"),
+                Err(e) => {
+                    *self.last_prune.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    tracing::warn!(error = %e, "pruning workflow run records failed");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where it keeps files between steps.

@@ -91,6 +91,22 @@ pub struct WorkflowsSection {
     /// an older run re-runs the steps whose files are gone.
     #[serde(default = "default_artifact_retention")]
     pub artifact_retention: Millis,
+    /// Workflow run records kept per tenant and workflow (the newest; older ones are deleted).
+    #[serde(default = "default_firing_history")]
+    pub run_history: u32,
+    /// Workflow run records older than this are deleted.
+    #[serde(default = "default_firing_retention")]
+    pub run_retention: Millis,
+}
+
+impl WorkflowsSection {
+    /// The run records a runner keeps ([`crate::workflow::Workflows::with_run_retention`]).
+    pub fn runs_kept(&self) -> crate::workflow::RunRetention {
+        crate::workflow::RunRetention {
+            per_workflow: self.run_history,
+            max_age: self.run_retention.0,
+        }
+    }
 }
 
 /// 7 days: a failed weekend run can still be resumed on Monday.
@@ -124,6 +140,8 @@ impl Default for WorkflowsSection {
             firing_history: default_firing_history(),
             firing_retention: default_firing_retention(),
             artifact_retention: default_artifact_retention(),
+            run_history: default_firing_history(),
+            run_retention: default_firing_retention(),
         }
     }
 }
@@ -1246,16 +1264,9 @@ impl Scheduler {
             .await
             .map_err(|e| e.to_string())?
             .with_origin(trigger, source);
-        let value = serde_json::to_value(&record).map_err(|e| e.to_string())?;
         inner
-            .store
-            .save_workflow_run(
-                &s.tenant,
-                &record.run_id,
-                &record.workflow,
-                &record.status,
-                &value,
-            )
+            .workflows
+            .save_run(&s.tenant, &record)
             .await
             .map_err(|e| format!("the run record could not be stored: {e}"))?;
         let delivered = match &s.outbox {

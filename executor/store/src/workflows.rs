@@ -1,6 +1,8 @@
 //! Workflow runs: one row per run holding the caller's JSON record, so a failed run can be
 //! resumed (on any replica) from the steps that already succeeded.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::{Result, Store, now_ms, with_pool};
@@ -35,6 +37,33 @@ impl Store {
             .map(|_| ())
         });
         done.map_err(|e| self.name_err(e.into()))
+    }
+
+    /// Deletes old workflow run records: of each tenant's workflow, every run past its newest
+    /// `keep_per_workflow`, and every run last saved more than `max_age` ago. Returns how many
+    /// rows went. (Runs are saved once they end, so none is in progress.)
+    pub async fn prune_workflow_runs(
+        &self,
+        keep_per_workflow: u32,
+        max_age: Duration,
+    ) -> Result<u64> {
+        let max_age_ms = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms().saturating_sub(max_age_ms);
+        let n = with_pool!(self, |pool, _begin| {
+            sqlx::query(
+                "DELETE FROM workflow_runs WHERE run_id IN (SELECT run_id FROM ( \
+                   SELECT run_id, updated_at, ROW_NUMBER() OVER ( \
+                     PARTITION BY tenant, workflow ORDER BY created_at DESC, run_id DESC) AS rn \
+                   FROM workflow_runs) ranked \
+                 WHERE rn > $1 OR updated_at < $2)",
+            )
+            .bind(i64::from(keep_per_workflow))
+            .bind(cutoff)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        });
+        n.map_err(|e| self.name_err(e.into()))
     }
 
     /// The record of workflow run `run_id`; None when it does not exist or is another tenant's.

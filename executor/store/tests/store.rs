@@ -29,6 +29,7 @@ both_backends!(
     replica_sees_promotion_through_generation,
     run_history,
     prune_by_age_and_count,
+    workflow_runs_are_pruned_by_count_and_age,
     reopen_is_idempotent,
     first_open_by_two_replicas_at_once,
     upgrade_from_previous_schema,
@@ -571,6 +572,56 @@ mod cases {
                 ..
             })
         ));
+    }
+
+    pub async fn workflow_runs_are_pruned_by_count_and_age(db: &TestDb) {
+        let store = db.open().await;
+        let save = |tenant: &'static str, id: String, workflow: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .save_workflow_run(tenant, &id, workflow, "succeeded", &json!({"id": id}))
+                    .await
+                    .unwrap();
+                // Distinct creation times, in order.
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        };
+        for i in 0..4 {
+            save("t", format!("report-{i}"), "report").await;
+        }
+        save("t", "other-0".into(), "other").await;
+        save("u", "report-u".into(), "report").await;
+        // Two per tenant and workflow: t's two oldest reports go, nothing else.
+        let deleted = store
+            .prune_workflow_runs(2, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(deleted, 2);
+        for (tenant, id, kept) in [
+            ("t", "report-0", false),
+            ("t", "report-1", false),
+            ("t", "report-2", true),
+            ("t", "report-3", true),
+            ("t", "other-0", true),
+            ("u", "report-u", true),
+        ] {
+            assert_eq!(
+                store.get_workflow_run(tenant, id).await.unwrap().is_some(),
+                kept,
+                "{tenant}/{id}"
+            );
+        }
+        // Nothing younger than a millisecond is left with a zero age.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store
+                .prune_workflow_runs(100, Duration::ZERO)
+                .await
+                .unwrap(),
+            4
+        );
+        assert_eq!(store.get_workflow_run("u", "report-u").await.unwrap(), None);
     }
 
     pub async fn prune_by_age_and_count(db: &TestDb) {

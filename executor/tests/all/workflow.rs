@@ -479,6 +479,39 @@ report = "steps.summary.outputs.report.md"
     let (code, _, err) = stepbox(&big);
     assert!(code == Some(0) || code == Some(1), "{err}");
     assert!(!err.contains("artifact_limit"), "{err}");
+
+    // `[workflows] run_history = 1`: a run's record replaces the workflow's older ones.
+    std::fs::write(
+        &config,
+        format!(
+            "[catalog]\ndatabase = {url:?}\n[workflows]\nartifacts = {:?}\nrun_history = 1\n",
+            store.display().to_string()
+        ),
+    )
+    .unwrap();
+    let json_run = [
+        "workflow",
+        "run",
+        "monthly-report@prod",
+        "--input",
+        "sales=sales.csv",
+        "--json",
+    ];
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (code, out, err) = with_config(&json_run);
+        assert_eq!(code, Some(0), "{err}");
+        let r: stepbox::workflow::WorkflowRunRecord = serde_json::from_str(&out).unwrap();
+        ids.push(r.run_id);
+    }
+    let (code, _, err) = with_config(&["workflow", "record", &ids[0]]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no workflow run"), "{err}");
+    let (code, _, err) = with_config(&["workflow", "record", &ids[1]]);
+    assert_eq!(code, Some(0), "{err}");
+    // The earlier runs of this test went at the first prune too.
+    let (code, _, _) = stepbox(&["workflow", "record", &failed.run_id]);
+    assert_eq!(code, Some(2));
 }
 
 #[tokio::test]

@@ -125,6 +125,18 @@ pub enum WorkflowCommand {
         #[command(flatten)]
         catalog: CatalogArgs,
     },
+    /// List the newest recorded runs (of every workflow, or of one): id, workflow, status, what
+    /// started it, and how many steps succeeded or were reused.
+    Runs {
+        /// Only this workflow's runs.
+        name: Option<String>,
+        /// Most runs listed.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// The catalog.
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
     /// List a published workflow's versions and stages, or every workflow.
     Show {
         /// The workflow's name (omit: list all).
@@ -261,6 +273,44 @@ impl WorkflowCommand {
                         ))
                     })?;
                 println!("{}", serde_json::to_string_pretty(&record)?);
+                Ok(0)
+            }
+            WorkflowCommand::Runs {
+                name,
+                limit,
+                catalog,
+            } => {
+                let catalog = catalog.open(global).await?;
+                let runs = catalog
+                    .store()
+                    .list_workflow_runs(LOCAL_TENANT, name.as_deref(), limit)
+                    .await?;
+                let mut out = std::io::stdout().lock();
+                for v in runs {
+                    let Ok(r) = serde_json::from_value::<WorkflowRunRecord>(v) else {
+                        continue;
+                    };
+                    let done = r
+                        .steps
+                        .iter()
+                        .filter(|s| {
+                            matches!(
+                                s.state,
+                                crate::workflow::StepState::Succeeded
+                                    | crate::workflow::StepState::Reused
+                            )
+                        })
+                        .count();
+                    writeln!(
+                        out,
+                        "{}  {:<24} {:<9} {:<8} {done}/{} steps",
+                        r.run_id,
+                        r.workflow,
+                        r.status,
+                        r.trigger.map_or("", |t| t.as_str()),
+                        r.steps.len()
+                    )?;
+                }
                 Ok(0)
             }
             WorkflowCommand::Show { name, catalog } => {

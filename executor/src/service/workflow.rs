@@ -53,6 +53,9 @@ const SERVICE: &str = "stepbox.v1.StepWorkflows";
 /// Most firings one `ListFirings` returns.
 const MAX_FIRINGS: u32 = 1000;
 
+/// Most runs one `ListWorkflowRuns` returns.
+const MAX_RUNS_LISTED: u32 = 500;
+
 /// Workflows on a server: where their files are kept and whether schedules may be made.
 #[derive(Clone, Debug)]
 pub struct WorkflowOptions {
@@ -509,6 +512,46 @@ impl StepService {
                 DEFAULT_MAX_OUTPUT_BYTES,
                 |name| w.output(&record, name),
             )))
+        })
+        .await
+    }
+
+    pub(super) async fn rpc_list_workflow_runs(
+        &self,
+        request: Request<pb::ListWorkflowRunsRequest>,
+    ) -> Result<Response<pb::ListWorkflowRunsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let span = rpc_span_of(
+            SERVICE,
+            "ListWorkflowRuns",
+            request.metadata(),
+            &tenant.name,
+        );
+        traced(span, async {
+            let req = request.into_inner();
+            if !req.workflow.is_empty() {
+                check_name("workflow", &req.workflow).map_err(model_status)?;
+            }
+            let limit = match req.limit {
+                0 => 20,
+                n => n.min(MAX_RUNS_LISTED),
+            };
+            let catalog = self.workflow_catalog().await?;
+            let values = catalog
+                .store()
+                .list_workflow_runs(
+                    &tenant.name,
+                    Some(req.workflow.as_str()).filter(|w| !w.is_empty()),
+                    limit,
+                )
+                .await
+                .map_err(|e| catalog_status(e.into(), ""))?;
+            let runs = values
+                .into_iter()
+                .filter_map(|v| serde_json::from_value::<WorkflowRunRecord>(v).ok())
+                .map(|r| run_to(&r, 0, |_| None))
+                .collect();
+            Ok(Response::new(pb::ListWorkflowRunsResponse { runs }))
         })
         .await
     }
@@ -989,6 +1032,13 @@ impl pb::step_workflows_server::StepWorkflows for StepService {
         request: Request<pb::GetWorkflowRunRequest>,
     ) -> Result<Response<pb::WorkflowRun>, Status> {
         self.rpc_get_workflow_run(request).await
+    }
+
+    async fn list_workflow_runs(
+        &self,
+        request: Request<pb::ListWorkflowRunsRequest>,
+    ) -> Result<Response<pb::ListWorkflowRunsResponse>, Status> {
+        self.rpc_list_workflow_runs(request).await
     }
 
     async fn create_schedule(

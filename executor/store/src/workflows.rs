@@ -66,6 +66,33 @@ impl Store {
         n.map_err(|e| self.name_err(e.into()))
     }
 
+    /// The newest `limit` run records of `tenant` (of `workflow` only, when given), newest
+    /// first.
+    pub async fn list_workflow_runs(
+        &self,
+        tenant: &str,
+        workflow: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Value>> {
+        let rows = with_pool!(self, |pool, _begin| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT record FROM workflow_runs WHERE tenant = $1 \
+                 AND ($2 IS NULL OR workflow = $2) \
+                 ORDER BY created_at DESC, run_id DESC LIMIT $3",
+            )
+            .bind(tenant)
+            .bind(workflow)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        });
+        let rows = rows.map_err(|e| self.name_err(e.into()))?;
+        Ok(rows
+            .iter()
+            .filter_map(|t| serde_json::from_str(t).ok())
+            .collect())
+    }
+
     /// The record of workflow run `run_id`; None when it does not exist or is another tenant's.
     pub async fn get_workflow_run(&self, tenant: &str, run_id: &str) -> Result<Option<Value>> {
         let row = with_pool!(self, |pool, _begin| {

@@ -592,6 +592,34 @@ mod cases {
         }
         save("t", "other-0".into(), "other").await;
         save("u", "report-u".into(), "report").await;
+        // Listed newest first, per tenant, all workflows or one.
+        let ids = |v: Vec<serde_json::Value>| -> Vec<String> {
+            v.iter()
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            ids(store.list_workflow_runs("t", None, 10).await.unwrap()),
+            ["other-0", "report-3", "report-2", "report-1", "report-0"]
+        );
+        assert_eq!(
+            ids(store
+                .list_workflow_runs("t", Some("report"), 2)
+                .await
+                .unwrap()),
+            ["report-3", "report-2"]
+        );
+        assert_eq!(
+            ids(store.list_workflow_runs("u", None, 10).await.unwrap()),
+            ["report-u"]
+        );
+        assert!(
+            store
+                .list_workflow_runs("nobody", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // Two per tenant and workflow: t's two oldest reports go, nothing else.
         let deleted = store
             .prune_workflow_runs(2, Duration::from_secs(3600))

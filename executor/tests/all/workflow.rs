@@ -509,6 +509,19 @@ report = "steps.summary.outputs.report.md"
     assert!(err.contains("no workflow run"), "{err}");
     let (code, _, err) = with_config(&["workflow", "record", &ids[1]]);
     assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = with_config(&["workflow", "runs"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with(&ids[1])
+            && out.contains("monthly-report")
+            && out.contains("succeeded")
+            && out.contains("manual")
+            && out.contains("2/2 steps"),
+        "{out}"
+    );
+    let (code, out, _) = with_config(&["workflow", "runs", "another"]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
     // The earlier runs of this test went at the first prune too.
     let (code, _, _) = stepbox(&["workflow", "record", &failed.run_id]);
     assert_eq!(code, Some(2));

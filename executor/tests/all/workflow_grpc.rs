@@ -596,6 +596,49 @@ async fn a_failed_step_stops_its_successors_and_a_resume_reuses_what_succeeded()
         (got.trigger.as_str(), got.resumed_from.as_str()),
         ("api", failed.run_id.as_str())
     );
+
+    // Listed newest first, of every workflow or one; outputs by name and digest only; another
+    // tenant lists none of them.
+    let list = |workflow: &str, limit: u32, token: &str| {
+        let mut w = s.workflows.clone();
+        let req = authed(
+            pb::ListWorkflowRunsRequest {
+                workflow: workflow.into(),
+                limit,
+            },
+            token,
+        );
+        async move { w.list_workflow_runs(req).await }
+    };
+    let runs = list("", 0, OPS).await.unwrap().into_inner().runs;
+    let ids: Vec<_> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, [resumed.run_id.as_str(), failed.run_id.as_str()]);
+    assert_eq!(runs[0].status, "succeeded");
+    assert_eq!(runs[0].steps.len(), resumed.steps.len());
+    let report = runs[0].outputs.iter().find(|o| o.name == "report").unwrap();
+    assert!(report.content.is_empty() && report.content_omitted && !report.sha256.is_empty());
+    let one = list("rows-report", 1, OPS).await.unwrap().into_inner().runs;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].run_id, resumed.run_id);
+    assert!(
+        list("other", 0, OPS)
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+            .is_empty()
+    );
+    assert!(
+        list("", 0, BILLING)
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+            .is_empty()
+    );
+    let (c, m) = code_and_message(list("Bad Name!", 0, OPS).await);
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("workflow"), "{m}");
     s.stop().await;
 }
 

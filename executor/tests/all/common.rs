@@ -117,6 +117,16 @@ pub fn stepbox_command(dir: &Path) -> std::process::Command {
     c
 }
 
+/// Runs `cmd` to the end: its exit code, stdout and stderr (lossy UTF-8).
+pub fn outcome(cmd: &mut std::process::Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A step that runs asyncio event loops (gather, an async generator, a TaskGroup, a wait_for
 /// timeout, a real sleep, a fresh loop) and then tries a socket, for each Python runtime.
 pub const ASYNCIO_PROBE: &str = r#"

@@ -671,16 +671,11 @@ report = "steps.report.outputs.report.md"
     .unwrap();
     std::fs::write(d.join("sales.csv"), "rep,total\nana,7\n").unwrap();
     let stepbox = |args: &[&str]| {
-        let out = common::stepbox_command(d)
-            .env_remove("STEPBOX_CATALOG_DATABASE")
-            .env("STEPBOX_CONFIG", &config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        common::outcome(
+            common::stepbox_command(d)
+                .env_remove("STEPBOX_CATALOG_DATABASE")
+                .env("STEPBOX_CONFIG", &config)
+                .args(args),
         )
     };
 

@@ -295,17 +295,12 @@ report = "steps.summary.outputs.report.md"
     )
     .unwrap();
     let stepbox = |args: &[&str]| {
-        let out = common::stepbox_command(d)
-            .env("XDG_DATA_HOME", d.join("data"))
-            .env("STEPBOX_CATALOG_DATABASE", &url)
-            .env_remove("STEPBOX_CONFIG")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        common::outcome(
+            common::stepbox_command(d)
+                .env("XDG_DATA_HOME", d.join("data"))
+                .env("STEPBOX_CATALOG_DATABASE", &url)
+                .env_remove("STEPBOX_CONFIG")
+                .args(args),
         )
     };
     let (code, out, err) = stepbox(&["workflow", "check", "workflow.toml"]);
@@ -424,25 +419,20 @@ report = "steps.summary.outputs.report.md"
     // store, and its `artifact_limit` (here below the input's size: refused naming the key).
     let config = d.join("stepbox.toml");
     let store = d.join("configured-artifacts");
-    std::fs::write(
-        &config,
-        format!(
-            "[catalog]\ndatabase = {url:?}\n[workflows]\nartifacts = {:?}\nartifact_limit = 4096\n",
+    let configure = |workflows: &str| {
+        let text = format!(
+            "[catalog]\ndatabase = {url:?}\n[workflows]\nartifacts = {:?}\n{workflows}\n",
             store.display().to_string()
-        ),
-    )
-    .unwrap();
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    configure("artifact_limit = 4096");
     let with_config = |args: &[&str]| {
-        let out = common::stepbox_command(d)
-            .env_remove("STEPBOX_CATALOG_DATABASE")
-            .env("STEPBOX_CONFIG", &config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        common::outcome(
+            common::stepbox_command(d)
+                .env_remove("STEPBOX_CATALOG_DATABASE")
+                .env("STEPBOX_CONFIG", &config)
+                .args(args),
         )
     };
     let args = [
@@ -481,14 +471,7 @@ report = "steps.summary.outputs.report.md"
     assert!(!err.contains("artifact_limit"), "{err}");
 
     // `[workflows] run_history = 1`: a run's record replaces the workflow's older ones.
-    std::fs::write(
-        &config,
-        format!(
-            "[catalog]\ndatabase = {url:?}\n[workflows]\nartifacts = {:?}\nrun_history = 1\n",
-            store.display().to_string()
-        ),
-    )
-    .unwrap();
+    configure("run_history = 1");
     let json_run = [
         "workflow",
         "run",

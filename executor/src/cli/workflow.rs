@@ -125,8 +125,8 @@ pub enum WorkflowCommand {
         #[command(flatten)]
         catalog: CatalogArgs,
     },
-    /// List the newest recorded runs (of every workflow, or of one): id, workflow, status, what
-    /// started it, and how many steps succeeded or were reused.
+    /// List the newest recorded runs (of every workflow, or of one): id, start time, workflow,
+    /// status, what started it, and how many steps succeeded or were reused.
     Runs {
         /// Only this workflow's runs.
         name: Option<String>,
@@ -303,8 +303,9 @@ impl WorkflowCommand {
                         .count();
                     writeln!(
                         out,
-                        "{}  {:<24} {:<9} {:<8} {done}/{} steps",
+                        "{}  {:<24}  {:<24} {:<9} {:<8} {done}/{} steps",
                         r.run_id,
+                        r.started_at,
                         r.workflow,
                         r.status,
                         r.trigger.map_or("", |t| t.as_str()),

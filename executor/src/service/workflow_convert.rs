@@ -291,6 +291,8 @@ pub(crate) fn run_to(
         steps: r.steps.iter().map(step_to).collect(),
         outputs,
         manifest_digest: r.digest.clone(),
+        started_at: r.started_at.clone(),
+        finished_at: r.finished_at.clone(),
     }
 }
 

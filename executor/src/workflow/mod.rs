@@ -165,8 +165,20 @@ pub struct WorkflowRunRecord {
     pub outputs: BTreeMap<String, (String, String)>,
     /// The wiring: step id -> input name -> wire.
     pub wiring: BTreeMap<String, BTreeMap<String, String>>,
+    /// When the run started (RFC 3339, UTC, milliseconds); empty in records written before
+    /// times were recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_at: String,
+    /// When it ended, as `started_at`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub finished_at: String,
     /// sha256 over all of the above (canonical JSON, `digest` empty).
     pub digest: String,
+}
+
+/// Now, as run records write times.
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl WorkflowRunRecord {
@@ -410,6 +422,7 @@ impl Workflows {
         resume: Option<&WorkflowRunRecord>,
         events: Option<tokio::sync::mpsc::UnboundedSender<WorkflowEvent>>,
     ) -> Result<WorkflowRunRecord, WorkflowError> {
+        let started_at = now_rfc3339();
         let invalid = |error: ModelError| WorkflowError::Invalid {
             workflow: plan.name.clone(),
             error,
@@ -601,6 +614,8 @@ impl Workflows {
             steps,
             outputs,
             wiring,
+            started_at,
+            finished_at: now_rfc3339(),
             digest: String::new(),
         }
         .seal())

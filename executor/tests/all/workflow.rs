@@ -121,6 +121,24 @@ async fn a_catalog_step_feeds_a_program_step_and_a_failure_resumes() {
     let run = wf.run(&plan, inputs(), None, Some(tx)).await.unwrap();
     assert_eq!(run.status, "succeeded", "{run:#?}");
     assert!(run.verify());
+    // Its times are sealed with it; a record written before times were kept still verifies.
+    let started = chrono::DateTime::parse_from_rfc3339(&run.started_at).unwrap();
+    let finished = chrono::DateTime::parse_from_rfc3339(&run.finished_at).unwrap();
+    assert!(
+        started <= finished && run.started_at.ends_with('Z'),
+        "{run:?}"
+    );
+    let mut retimed = run.clone();
+    retimed.finished_at = "2000-01-01T00:00:00.000Z".into();
+    assert!(!retimed.verify());
+    let mut untimed = run.clone();
+    untimed.started_at.clear();
+    untimed.finished_at.clear();
+    let untimed = untimed.with_origin(stepbox::workflow::Trigger::Manual, "");
+    let json = serde_json::to_string(&untimed).unwrap();
+    assert!(!json.contains("started_at"), "{json}");
+    let old: stepbox::workflow::WorkflowRunRecord = serde_json::from_str(&json).unwrap();
+    assert!(old.verify());
     let report = wf.output(&run, "report").unwrap();
     assert_eq!(&report[..], b"# Monthly report\n\n3 rows, total 23\n");
     assert_eq!(run.steps[0].version, "monthly-by-rep@v1");

@@ -615,6 +615,10 @@ async fn a_failed_step_stops_its_successors_and_a_resume_reuses_what_succeeded()
     assert_eq!(ids, [resumed.run_id.as_str(), failed.run_id.as_str()]);
     assert_eq!(runs[0].status, "succeeded");
     assert_eq!(runs[0].steps.len(), resumed.steps.len());
+    // Times: RFC 3339 UTC, so they sort as text; the resume started after the failed run ended.
+    assert!(runs[0].started_at <= runs[0].finished_at, "{:?}", runs[0]);
+    assert!(runs[1].finished_at <= runs[0].started_at, "{runs:?}");
+    assert!(runs[0].started_at.ends_with('Z'));
     let report = runs[0].outputs.iter().find(|o| o.name == "report").unwrap();
     assert!(report.content.is_empty() && report.content_omitted && !report.sha256.is_empty());
     let one = list("rows-report", 1, OPS).await.unwrap().into_inner().runs;

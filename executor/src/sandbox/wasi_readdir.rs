@@ -16,7 +16,8 @@
 //! removed after the listing was taken show up at the next `rewinddir`.
 //!
 //! Bounds: a listing is kept for at most [`MAX_LISTINGS`] fds of a store and [`MAX_LISTING_BYTES`]
-//! bytes each; a bigger directory is served as before, call by call.
+//! bytes each (host memory, so bounded: 8 MiB a store); a bigger directory is served as before,
+//! call by call.
 
 use std::collections::VecDeque;
 
@@ -31,10 +32,13 @@ const MODULE: &str = "wasi_snapshot_preview1";
 /// The most fds whose listing a store keeps (the oldest goes first).
 pub const MAX_LISTINGS: usize = 8;
 
-/// The largest listing kept (entries are 24 bytes plus the name: ~100k entries).
-pub const MAX_LISTING_BYTES: usize = 4 << 20;
+/// The largest listing kept (entries are 24 bytes plus the name: ~20k entries of typical
+/// names). Host memory, outside the guest's memory limit: a store holds at most
+/// [`MAX_LISTINGS`] of these (8 MiB).
+pub const MAX_LISTING_BYTES: usize = 1 << 20;
 
-/// The first buffer a listing is read into; doubled until the listing fits.
+/// The first buffer a listing is read into (~1500 entries); a bigger listing is read again into
+/// [`MAX_LISTING_BYTES`].
 const FIRST_BUFFER: usize = 64 << 10;
 
 /// A directory listing as wasmtime-wasi writes it: `dirent` (24 bytes) then the name, per entry.
@@ -44,6 +48,9 @@ struct Listing {
     bytes: Vec<u8>,
     /// Where each entry starts in `bytes`; entry i is what cookie i starts at.
     starts: Vec<usize>,
+    /// The directory was too big to keep: its calls go to wasmtime-wasi (until the next cookie
+    /// 0), rather than each trying to take the listing again.
+    too_big: bool,
 }
 
 /// The listings of one store's fds.
@@ -232,24 +239,28 @@ async fn fd_readdir(
     } = call;
     if cookie == 0 || listings.get(fd).is_none() {
         listings.forget(fd);
-        match list(ctx, fd, listings.max_bytes).await? {
-            Some(listing) => listings.keep(listing),
-            // Too big to keep: served call by call, as before.
-            None => {
-                let mut guest = GuestMemory::Unshared(memory);
-                return ctx
-                    .fd_readdir(
-                        &mut guest,
-                        types::Fd::from(fd),
-                        GuestPtr::new(buf),
-                        buf_len,
-                        cookie,
-                    )
-                    .await;
-            }
-        }
+        let listing = list(ctx, fd, listings.max_bytes).await?.unwrap_or(Listing {
+            fd,
+            bytes: Vec::new(),
+            starts: Vec::new(),
+            too_big: true,
+        });
+        listings.keep(listing);
     }
     let listing = listings.get(fd).expect("kept above");
+    if listing.too_big {
+        // Served call by call, as without this module.
+        let mut guest = GuestMemory::Unshared(memory);
+        return ctx
+            .fd_readdir(
+                &mut guest,
+                types::Fd::from(fd),
+                GuestPtr::new(buf),
+                buf_len,
+                cookie,
+            )
+            .await;
+    }
     let from = usize::try_from(cookie)
         .ok()
         .and_then(|c| listing.starts.get(c).copied())
@@ -258,7 +269,8 @@ async fn fd_readdir(
 }
 
 /// The whole listing of `fd` from wasmtime-wasi's `fd_readdir`, or `None` when it is bigger than
-/// `max_bytes`.
+/// `max_bytes`. Each try reads (and stats) the whole directory, so there are at most two: a
+/// buffer that fits most directories, then the largest.
 async fn list(
     ctx: &mut WasiP1Ctx,
     fd: u32,
@@ -282,12 +294,17 @@ async fn list(
         if used < size {
             bytes.truncate(used);
             let starts = entry_starts(&bytes);
-            return Ok(Some(Listing { fd, bytes, starts }));
+            return Ok(Some(Listing {
+                fd,
+                bytes,
+                starts,
+                too_big: false,
+            }));
         }
         if size >= max_bytes {
             return Ok(None);
         }
-        size = (size * 2).min(max_bytes);
+        size = max_bytes;
     }
 }
 
@@ -399,10 +416,7 @@ mod tests {
                     assert_eq!(a, b, "buf_len {buf_len}, cookie {cookie}, max {max_bytes}");
                 }
             }
-            assert_eq!(
-                listings.listings.len(),
-                usize::from(max_bytes == MAX_LISTING_BYTES)
-            );
+            assert_eq!(listings.get(3).unwrap().too_big, max_bytes == 1024);
         }
         // A listing holds every entry once: `.`, `..`, the files and the subdirectory.
         let mut listings = DirListings::default();
@@ -442,6 +456,7 @@ mod tests {
                 fd,
                 bytes: Vec::new(),
                 starts: Vec::new(),
+                too_big: false,
             });
         }
         assert_eq!(listings.listings.len(), MAX_LISTINGS);

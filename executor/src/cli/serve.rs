@@ -214,6 +214,7 @@ impl ServeArgs {
                 config.workflows.clone(),
                 workflow_concurrency(&config),
                 slots,
+                options.metrics.clone(),
                 options.grace,
                 stop_rx,
             ))),
@@ -265,12 +266,14 @@ fn replica_name() -> String {
 /// The workflow scheduler of a server with a configured `[catalog] database`: it waits for the
 /// database (retrying like the catalog handle, so a database down at start does not stop the
 /// server), then fires schedules until shutdown, and lets running firings finish within the
-/// grace period. Each firing's steps take `slots`, the server's.
+/// grace period. Each firing's steps take `slots`, the server's; its runs are counted in
+/// `metrics`.
 async fn run_scheduler(
     handle: std::sync::Arc<crate::service::catalog::CatalogHandle>,
     section: crate::workflow::schedule::WorkflowsSection,
     concurrency: usize,
     slots: std::sync::Arc<tokio::sync::Semaphore>,
+    metrics: std::sync::Arc<crate::service::metrics::Metrics>,
     grace: std::time::Duration,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -312,7 +315,8 @@ async fn run_scheduler(
         crate::workflow::Workflows::new(catalog.clone(), artifacts.clone(), concurrency)
             .with_run_limit(section.artifact_limit.0)
             .with_run_retention(section.runs_kept())
-            .with_slots(slots);
+            .with_slots(slots)
+            .with_run_observer(crate::service::metrics::workflow_run_observer(metrics));
     let options = SchedulerOptions {
         replica: replica_name(),
         ..SchedulerOptions::default()

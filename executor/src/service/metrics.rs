@@ -3,7 +3,7 @@
 //! `stepbox_runs_total{runtime,policy,tenant,status}`, `stepbox_run_duration_seconds{runtime}`,
 //! `stepbox_queue_wait_seconds`, `stepbox_limit_hits_total{kind}`,
 //! `stepbox_compile_cache_total{source}`, `stepbox_in_flight_jobs`,
-//! `stepbox_rejected_total{reason}`.
+//! `stepbox_rejected_total{reason}`, `stepbox_workflow_runs_total{tenant,trigger,status}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,13 @@ struct ReasonLabel {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkflowRunLabels {
+    tenant: String,
+    trigger: String,
+    status: String,
+}
+
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +63,7 @@ pub struct Metrics {
     compile_cache: Family<SourceLabel, Counter>,
     in_flight: Gauge,
     rejected: Family<ReasonLabel, Counter>,
+    workflow_runs: Family<WorkflowRunLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -123,6 +131,12 @@ impl Metrics {
             "Requests refused before running, by reason",
             rejected.clone(),
         );
+        let workflow_runs = Family::<WorkflowRunLabels, Counter>::default();
+        registry.register(
+            "workflow_runs",
+            "Workflow runs recorded, by tenant, what started them and how they ended",
+            workflow_runs.clone(),
+        );
         Metrics {
             registry,
             runs,
@@ -132,6 +146,7 @@ impl Metrics {
             compile_cache,
             in_flight,
             rejected,
+            workflow_runs,
         }
     }
 
@@ -180,6 +195,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a recorded workflow run of `tenant` by what started it (`api`, `schedule`,
+    /// `manual`) and how it ended (`succeeded`, `failed`).
+    pub fn record_workflow_run(&self, tenant: &str, trigger: &str, status: &str) {
+        self.workflow_runs
+            .get_or_create(&WorkflowRunLabels {
+                tenant: tenant.to_string(),
+                trigger: trigger.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts a refused request (`queue_full`, `rate_limited`, `unauthenticated`, ...).
     pub fn reject(&self, reason: &str) {
         self.rejected
@@ -196,6 +223,15 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// An observer counting the run records a workflow runner stores in `metrics`
+/// (`stepbox_workflow_runs_total`).
+pub fn workflow_run_observer(metrics: Arc<Metrics>) -> crate::workflow::RunObserver {
+    crate::workflow::RunObserver(Arc::new(move |tenant, record| {
+        let trigger = record.trigger.map_or("", |t| t.as_str());
+        metrics.record_workflow_run(tenant, trigger, &record.status);
+    }))
 }
 
 /// Serves `GET /metrics` on `listener` until the process ends.

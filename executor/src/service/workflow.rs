@@ -91,6 +91,7 @@ impl WorkflowsHandle {
         &self,
         catalog: Arc<Catalog>,
         slots: Arc<tokio::sync::Semaphore>,
+        metrics: Arc<crate::service::metrics::Metrics>,
     ) -> Result<&(Workflows, Scheduler), Status> {
         self.ready
             .get_or_try_init(|| async {
@@ -98,7 +99,8 @@ impl WorkflowsHandle {
                 let workflows = Workflows::new(catalog.clone(), o.artifacts.clone(), o.concurrency)
                     .with_run_limit(o.section.artifact_limit.0)
                     .with_run_retention(o.section.runs_kept())
-                    .with_slots(slots);
+                    .with_slots(slots)
+                    .with_run_observer(crate::service::metrics::workflow_run_observer(metrics));
                 let scheduler = Scheduler::new(
                     catalog.store().clone(),
                     workflows.clone(),
@@ -142,7 +144,9 @@ impl StepService {
         let handle = self.workflows.as_ref().ok_or_else(|| {
             Status::failed_precondition("this server has no [workflows] artifact store configured")
         })?;
-        let (w, s) = handle.get(catalog, self.admission.slots.clone()).await?;
+        let (w, s) = handle
+            .get(catalog, self.admission.slots.clone(), self.metrics.clone())
+            .await?;
         Ok((w, s, &handle.options))
     }
 

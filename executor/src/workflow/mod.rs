@@ -229,6 +229,21 @@ pub struct Workflows {
     retention: RunRetention,
     /// When this runner last deleted old run records.
     last_prune: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Told of every run record [`Workflows::save_run`] stores.
+    observer: Option<RunObserver>,
+}
+
+/// What a [`RunObserver`] calls: with the tenant and the record stored.
+pub type ObserveRun = dyn Fn(&str, &WorkflowRunRecord) + Send + Sync;
+
+/// Told of every run record a runner stores, with its tenant (a server counts them).
+#[derive(Clone)]
+pub struct RunObserver(pub Arc<ObserveRun>);
+
+impl std::fmt::Debug for RunObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunObserver")
+    }
 }
 
 /// Which workflow run records [`Workflows::save_run`] keeps: the newest `per_workflow` of each
@@ -271,7 +286,14 @@ impl Workflows {
             run_limit: DEFAULT_RUN_LIMIT,
             retention: RunRetention::default(),
             last_prune: Arc::default(),
+            observer: None,
         }
+    }
+
+    /// The same runner telling `observer` of every run record it stores.
+    pub fn with_run_observer(mut self, observer: RunObserver) -> Workflows {
+        self.observer = Some(observer);
+        self
     }
 
     /// The same runner keeping run records within `retention`.
@@ -306,6 +328,9 @@ impl Workflows {
                 &value,
             )
             .await?;
+        if let Some(o) = &self.observer {
+            (o.0)(tenant, record);
+        }
         let due = {
             let mut last = self.last_prune.lock().unwrap_or_else(|e| e.into_inner());
             let due = last.is_none_or(|t| t.elapsed() >= RUN_PRUNE_EVERY);

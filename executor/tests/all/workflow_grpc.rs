@@ -171,6 +171,7 @@ async fn publish_step(catalog: &mut StepCatalogClient<Channel>, token: Option<&s
 struct Server {
     workflows: StepWorkflowsClient<Channel>,
     catalog: StepCatalogClient<Channel>,
+    metrics: Arc<stepbox::service::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
     dir: tempfile::TempDir,
@@ -235,6 +236,7 @@ impl Server {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = options.metrics.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let done = tokio::spawn(serve(exec, listener, options, async {
             let _ = rx.await;
@@ -247,6 +249,7 @@ impl Server {
         Server {
             workflows: StepWorkflowsClient::new(channel.clone()),
             catalog: StepCatalogClient::new(channel),
+            metrics,
             stop: Some(tx),
             done,
             dir,
@@ -643,6 +646,14 @@ async fn a_failed_step_stops_its_successors_and_a_resume_reuses_what_succeeded()
     let (c, m) = code_and_message(list("Bad Name!", 0, OPS).await);
     assert_eq!(c, Code::InvalidArgument, "{m}");
     assert!(m.contains("workflow"), "{m}");
+    // Both recorded runs are counted.
+    let text = s.metrics.encode();
+    for line in [
+        r#"stepbox_workflow_runs_total{tenant="ops",trigger="api",status="failed"} 1"#,
+        r#"stepbox_workflow_runs_total{tenant="ops",trigger="api",status="succeeded"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
     s.stop().await;
 }
 
@@ -1332,7 +1343,15 @@ async fn scheduled_firings_of_stepbox_serve_take_its_slots_like_any_job() {
     for sub in ["out/local/timed", "artifacts"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    let replica = start_replica(&d, "concurrency = 1\nqueue = 4");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let replica = start_replica(
+        &d,
+        &format!("concurrency = 1\nqueue = 4\n[metrics]\naddr = \"127.0.0.1:{metrics_port}\""),
+    );
     let channel = Channel::from_shared(format!("http://{}", replica.addr))
         .unwrap()
         .connect()
@@ -1407,6 +1426,19 @@ async fn scheduled_firings_of_stepbox_serve_take_its_slots_like_any_job() {
         })
         .collect();
     spans.sort_by(|a, b| a.1.total_cmp(&b.1));
+    // The firings' runs are counted in the server's metrics, as scheduled ones.
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            r#"stepbox_workflow_runs_total{tenant="local",trigger="schedule",status="succeeded"}"#
+        ),
+        "{text}"
+    );
     let firings = spans.iter().filter(|s| s.0.starts_with("span-")).count();
     // The first firing, and at least one while or after the client's three seconds.
     assert!(firings >= 2, "{spans:?}");
